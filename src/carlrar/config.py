@@ -1,0 +1,173 @@
+"""Configuration: one YAML file, validated against a JSON schema, read into typed objects.
+
+The same schema (``schemas/config.schema.json``) validates the Snakemake config, so the workflow and the
+library can never disagree about a key or a default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+import yaml
+
+from carlrar.errors import CarlrarError
+
+SplitName = Literal["train", "dev", "test"]
+Size = int | Literal["all"]
+METHODS = ("base", "freelb", "carl", "rar", "carl_rar")
+
+
+class ConfigError(CarlrarError):
+    """The configuration does not match the schema."""
+
+
+def load_schema() -> dict[str, Any]:
+    return json.loads(resources.files("carlrar").joinpath("schemas/config.schema.json").read_text())
+
+
+def _validator_filling_defaults(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+    """A validator that also writes each property's ``default`` into the instance, depth first."""
+    base = jsonschema.Draft202012Validator
+
+    def properties_with_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = json.loads(json.dumps(sub["default"]))
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    cls = jsonschema.validators.extend(base, {"properties": properties_with_defaults})
+    return cls(schema)
+
+
+def _error_line(error: jsonschema.ValidationError) -> str:
+    where = ".".join(str(p) for p in error.absolute_path) or "<top level>"
+    if error.validator == "enum":
+        allowed = ", ".join(repr(v) for v in error.validator_value)
+        return f"config key '{where}': {error.instance!r} is not allowed; choose one of {allowed}"
+    if error.validator == "additionalProperties":
+        known = ", ".join(sorted(error.schema.get("properties", {})))
+        return f"config key '{where}': {error.message}; known keys: {known}"
+    return f"config key '{where}': {error.message}"
+
+
+def resolve(raw: dict[str, Any]) -> dict[str, Any]:
+    """Validate a config mapping and fill in the defaults (in place); raise ConfigError naming the key."""
+    validator = _validator_filling_defaults(load_schema())
+    errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(_error_line(errors[0]))
+    for name, ds in raw["datasets"].items():
+        carl = ds["carl"]
+        if carl["start_step"] is not None and carl["start_epoch"] is not None:
+            raise ConfigError(f"config key 'datasets.{name}.carl': give start_step or start_epoch, not both")
+        if ds["dev_source"] == "official" and name != "sst2":
+            raise ConfigError(
+                f"config key 'datasets.{name}.dev_source': 'official' exists only for sst2 (GLUE dev); use 'train'"
+            )
+        if ds["evaluate"] == "test" and ds["per_class"]["test"] == 0:
+            raise ConfigError(f"config key 'datasets.{name}.evaluate': 'test' needs per_class.test > 0")
+    return raw
+
+
+@dataclass(frozen=True)
+class FreeLBConfig:
+    """FreeLB's ascent (paper Table 1). ``adv_steps`` is K, the number of forward-backward passes."""
+
+    init_mag: float = 0.0
+    adv_lr: float = 0.01
+    adv_max_norm: float = 0.0
+    adv_steps: int = 3
+    norm_type: Literal["l2", "linf"] = "l2"
+
+
+@dataclass(frozen=True)
+class CarlScheduleConfig:
+    start_step: int | None = None
+    start_epoch: float | None = None
+    negatives: int = 16000
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str
+    per_class: dict[str, Size]
+    dev_source: Literal["train", "official"] = "train"
+    evaluate: Literal["dev", "test"] = "test"
+    files: dict[str, str] = field(default_factory=dict)
+    batch_size: int = 32
+    freelb: FreeLBConfig = field(default_factory=FreeLBConfig)
+    carl: CarlScheduleConfig = field(default_factory=CarlScheduleConfig)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    seed: int = 2021
+    max_length: int = 128
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved configuration. ``raw`` keeps the validated mapping for provenance records."""
+
+    run_name: str
+    raw_dir: str
+    data: DataConfig
+    datasets: dict[str, DatasetConfig]
+    model: dict[str, Any]
+    training: dict[str, Any]
+    raw: dict[str, Any]
+
+    def dataset(self, name: str) -> DatasetConfig:
+        if name not in self.datasets:
+            known = ", ".join(self.datasets) or "none"
+            raise ConfigError(f"dataset '{name}' is not in this config's 'datasets' (it has: {known})")
+        return self.datasets[name]
+
+
+def from_mapping(raw: dict[str, Any]) -> Config:
+    raw = resolve(json.loads(json.dumps(raw)))
+    datasets = {
+        name: DatasetConfig(
+            name=name,
+            per_class=dict(ds["per_class"]),
+            dev_source=ds["dev_source"],
+            evaluate=ds["evaluate"],
+            files=dict(ds["files"]),
+            batch_size=ds["batch_size"],
+            freelb=FreeLBConfig(**ds["freelb"]),
+            carl=CarlScheduleConfig(**ds["carl"]),
+        )
+        for name, ds in raw["datasets"].items()
+    }
+    return Config(
+        run_name=raw["run_name"],
+        raw_dir=raw["raw_dir"],
+        data=DataConfig(**raw["data"]),
+        datasets=datasets,
+        model=raw["model"],
+        training=raw["training"],
+        raw=raw,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and resolve a YAML config file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    try:
+        return from_mapping(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
