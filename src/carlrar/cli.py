@@ -22,6 +22,17 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     logging.info("%s: %s -> %s (evaluated on %s)", args.dataset, counts, args.out, manifest["evaluation_split"])
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from carlrar.config import load_config
+    from carlrar.training import train
+
+    result = train(load_config(args.config), args.dataset, args.method, args.seed, args.data, args.out, args.device)
+    m = result.metrics
+    test = "n/a" if m["test_accuracy"] is None else f"{m['test_accuracy']:.4f}"
+    logging.info("%s/%s/seed%d: dev %.4f, test %s, %d steps in %.0f s -> %s",
+                 args.dataset, args.method, args.seed, m["dev_accuracy"], test, m["steps"], m["train_seconds"], args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carlrar",
@@ -44,6 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--raw-dir", type=Path, help="folder of raw datasets (default: the config's raw_dir)")
     prepare.add_argument("--out", required=True, type=Path, help="output folder, e.g. data/processed/sst2")
     prepare.set_defaults(run=_cmd_prepare)
+
+    train = commands.add_parser(
+        "train",
+        help="train one (dataset, method, seed) run; restarting the same command resumes it",
+        description=(
+            "Fine-tune the config's model on DATA (a 'carlrar prepare' folder) with METHOD and write OUT/metrics.json, "
+            "OUT/best/ (weights with the best dev accuracy, config and tokenizer) and OUT/checkpoint/ (resumable state). "
+            "On CUDA it leases a free visible GPU (lock files in $CARLRAR_GPU_LOCK_DIR) and uses bf16 autocast."
+        ),
+    )
+    train.add_argument("--config", required=True, type=Path, help="YAML config (e.g. config/config.yaml)")
+    train.add_argument("--dataset", required=True, choices=["sst2", "ag_news", "yelp_polarity", "yahoo_answers"])
+    train.add_argument("--method", required=True, choices=["base", "freelb", "carl", "rar", "carl_rar"])
+    train.add_argument("--seed", required=True, type=int, help="training seed (model init, order, dropout, negatives)")
+    train.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
+    train.add_argument("--out", required=True, type=Path, help="run folder")
+    train.add_argument("--device", default="auto", help="auto (a free GPU, else CPU), cpu, cuda or cuda:N")
+    train.set_defaults(run=_cmd_train)
     return parser
 
 

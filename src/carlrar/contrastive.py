@@ -248,3 +248,36 @@ class CARLLoss(nn.Module):
                 z.copy_(torch.where(z < 0, z_batch, Z_MOMENTUM * z + (1.0 - Z_MOMENTUM) * z_batch))
             z_used = torch.where(z < 0, z_batch, z)
         return nce_loss(pos_logits, neg_logits, z_used, self.num_rows)
+
+
+class CARLObjective(nn.Module):
+    """CARL as an auxiliary loss of the training step, with the paper's schedule (Table 3).
+
+    Before ``bank_start_step`` the step is plain FreeLB; from it on the clean pass runs and both banks are
+    written every step; from ``start_step`` (tau) on L_D joins the last pass with weight 1 (Eq. 6).
+    """
+
+    name = "carl"
+
+    def __init__(self, loss: CARLLoss, start_step: int, bank_start_step: int) -> None:
+        super().__init__()
+        if bank_start_step > start_step:
+            raise ValueError(f"bank writes (step {bank_start_step}) must start before the loss (step {start_step})")
+        self.contrast = loss
+        self.start_step = start_step
+        self.bank_start_step = bank_start_step
+
+    def wants_clean_view(self, step: int) -> bool:
+        return step >= self.bank_start_step
+
+    def loss(self, views: Any, step: int) -> Tensor | None:
+        if step < self.start_step:
+            return None
+        batch = views.batch
+        return self.contrast(batch.indices, batch.labels, views.clean.sentence, views.adversarial.sentence)
+
+    def after_backward(self, views: Any, step: int) -> None:
+        if step >= self.bank_start_step:
+            batch = views.batch
+            self.contrast.update_banks(batch.indices, views.clean.sentence.detach(), views.adversarial.sentence.detach())
+

@@ -1,0 +1,209 @@
+"""FreeLB (Zhu et al. 2020) and the adversarial training step that CARL and RAR plug into.
+
+One step is a composition (SPEC 8): an optional clean pass, K forward-backward passes on perturbed word
+embeddings (plain fine-tuning is K = 1 with no perturbation), and auxiliary losses that read what the passes
+produced and add to the last pass's loss. Parameter gradients accumulate over the passes; the caller clips
+and steps the optimizer, so :func:`adversarial_backward` drops into any training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from carlrar.config import FreeLBConfig
+from carlrar.models import ClassifierOutput, TextClassifier
+
+GRAD_NORM_FLOOR = 1e-8  # the reference's guard against a zero gradient norm
+
+
+@dataclass
+class Batch:
+    """A dynamically padded batch; ``indices`` are the examples' rows in the training set (memory banks)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    indices: Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels, self.indices)))
+
+
+@dataclass
+class Views:
+    """What one step's passes produced, for auxiliary losses: the clean view and the last (K-th) pass."""
+
+    batch: Batch
+    adversarial: ClassifierOutput
+    clean: ClassifierOutput | None = None
+
+
+class AuxiliaryLoss(Protocol):
+    """A loss that reads a step's views and is added to the last pass (CARL, RAR, or your own)."""
+
+    name: str
+
+    def wants_clean_view(self, step: int) -> bool:
+        """Whether this step needs the extra clean forward pass."""
+
+    def loss(self, views: Views, step: int) -> Tensor | None:
+        """The weighted loss to add to the last pass, or None while inactive."""
+
+    def after_backward(self, views: Views, step: int) -> None:
+        """Bookkeeping on detached values once the step's gradients exist (e.g. memory-bank writes)."""
+
+
+@dataclass
+class StepOutput:
+    """Loss values (floats, as logged) and the last pass's logits."""
+
+    logits: Tensor
+    losses: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(self.losses.values())
+
+
+def _per_example_norm(x: Tensor, norm_type: str) -> Tensor:
+    flat = x.reshape(x.size(0), -1).float()
+    return (flat.norm(dim=1) if norm_type == "l2" else flat.abs().amax(dim=1)).view(-1, 1, 1)
+
+
+class FreeLB:
+    """FreeLB's perturbation on the raw word embeddings, as in the reference implementation (SPEC 3).
+
+    delta lives in fp32 whatever the autocast dtype, and every norm and division is taken in fp32.
+    """
+
+    def __init__(self, config: FreeLBConfig) -> None:
+        if config.norm_type not in ("l2", "linf"):
+            raise ValueError(f"norm_type must be 'l2' or 'linf', not {config.norm_type!r}")
+        self.config = config
+
+    @property
+    def passes(self) -> int:
+        return self.config.adv_steps
+
+    def initial_delta(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        """delta0: zero, or uniform noise on real tokens scaled to init_mag (per example for l2)."""
+        cfg = self.config
+        mask = attention_mask.unsqueeze(-1).float()
+        if cfg.init_mag == 0:
+            return torch.zeros(embeds.shape, dtype=torch.float32, device=embeds.device)
+        if cfg.norm_type == "l2":
+            noise = torch.empty(embeds.shape, dtype=torch.float32, device=embeds.device).uniform_(-1, 1) * mask
+            dims = mask.sum(dim=(1, 2)) * embeds.size(-1)
+            return noise * (cfg.init_mag / dims.sqrt()).view(-1, 1, 1)
+        noise = torch.empty(embeds.shape, dtype=torch.float32, device=embeds.device)
+        return noise.uniform_(-cfg.init_mag, cfg.init_mag) * mask
+
+    def ascend(self, delta: Tensor, grad: Tensor, attention_mask: Tensor) -> Tensor:
+        """One normalised ascent step of size adv_lr, the optional projection, and the padding mask."""
+        cfg = self.config
+        mask = attention_mask.unsqueeze(-1).float()
+        grad = grad.float() * mask
+        delta = delta.detach() + cfg.adv_lr * grad / _per_example_norm(grad, cfg.norm_type).clamp_min(GRAD_NORM_FLOOR)
+        if cfg.adv_max_norm > 0:
+            if cfg.norm_type == "l2":
+                norm = _per_example_norm(delta, "l2")
+                delta = delta * torch.where(norm > cfg.adv_max_norm, cfg.adv_max_norm / norm, torch.ones_like(norm))
+            else:
+                delta = delta.clamp(-cfg.adv_max_norm, cfg.adv_max_norm)
+        return (delta * mask).detach()
+
+
+class _RngSnapshot:
+    """Restoring the RNG before each pass gives every pass the same dropout masks (SPEC 3)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked; a no-op elsewhere."""
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def adversarial_backward(
+    model: TextClassifier,
+    batch: Batch,
+    freelb: FreeLB | None = None,
+    auxiliaries: tuple[AuxiliaryLoss, ...] | list[AuxiliaryLoss] = (),
+    step: int = 0,
+    amp_dtype: torch.dtype | None = None,
+) -> StepOutput:
+    """Run one step's forward-backward passes and leave the accumulated gradients on the parameters.
+
+    ``freelb=None`` is plain fine-tuning. Each pass's cross-entropy is divided by K, so the accumulated
+    gradient is the mean of the K per-pass gradients; auxiliary losses join the K-th pass only.
+    """
+    device = batch.input_ids.device
+    mask = batch.attention_mask
+    passes = freelb.passes if freelb else 1
+    delta = None
+    if freelb is not None:
+        with torch.no_grad():
+            delta = freelb.initial_delta(model.embed(batch.input_ids), mask)
+    rng = _RngSnapshot(device)
+    views: Views | None = None
+    clean: ClassifierOutput | None = None
+    losses: dict[str, Tensor] = {"ce": torch.zeros((), device=device)}
+    if any(aux.wants_clean_view(step) for aux in auxiliaries):
+        rng.restore()
+        with autocast_context(device, amp_dtype):
+            clean = model(inputs_embeds=model.embed(batch.input_ids), attention_mask=mask)
+    for t in range(passes):
+        rng.restore()
+        if delta is not None:
+            delta.requires_grad_()
+        with autocast_context(device, amp_dtype):
+            embeds = model.embed(batch.input_ids)
+            out = model(inputs_embeds=embeds if delta is None else embeds + delta, attention_mask=mask)
+        loss = F.cross_entropy(out.logits.float(), batch.labels) / passes
+        losses["ce"] += loss.detach()
+        if t == passes - 1:
+            views = Views(batch=batch, adversarial=out, clean=clean)
+            for aux in auxiliaries:
+                with autocast_context(device, amp_dtype):
+                    extra = aux.loss(views, step)
+                if extra is not None:
+                    loss = loss + extra
+                    losses[aux.name] = extra.detach()
+        loss.backward()
+        if t < passes - 1:
+            assert freelb is not None and delta is not None and delta.grad is not None
+            delta = freelb.ascend(delta, delta.grad, mask)
+    assert views is not None
+    for aux in auxiliaries:
+        aux.after_backward(views, step)
+    return StepOutput(logits=views.adversarial.logits.detach(), losses={k: v.item() for k, v in losses.items()})
+
+
+def count_correct(logits: Tensor, labels: Tensor) -> int:
+    return int((logits.argmax(dim=-1) == labels).sum())
+
+
+def parameters_of(model: nn.Module, auxiliaries: list[AuxiliaryLoss]) -> list[nn.Parameter]:
+    """Trainable parameters of the model and of auxiliary modules (RAR's head), tied weights once."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in [model, *[a for a in auxiliaries if isinstance(a, nn.Module)]]:
+        for p in module.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())

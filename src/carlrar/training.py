@@ -1,0 +1,402 @@
+"""The training loop behind ``carlrar train``: readable, resumable, and reproducible on CPU bit for bit.
+
+Shape after Hugging Face's ``run_glue_no_trainer.py``: tokenise once, AdamW with a linear schedule, gradient
+clipping, dynamic padding, bf16 autocast on CUDA. Dev accuracy is evaluated every ``eval_every`` steps and at
+each epoch end; the best weights are kept and evaluated on the test split. A resumable checkpoint (model,
+optimizer, scheduler, RNG states, memory banks, position in the epoch) is written atomically, so a killed run
+restarted with the same command continues where it stopped and ends with the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from carlrar import __version__
+from carlrar.adversary import AuxiliaryLoss, Batch, FreeLB, adversarial_backward, autocast_context
+from carlrar.config import METHODS, Config
+from carlrar.contrastive import CARLLoss, CARLObjective
+from carlrar.data import read_manifest
+from carlrar.devices import select_device
+from carlrar.errors import CarlrarError
+from carlrar.models import TextClassifier, count_parameters, load_model
+from carlrar.reconstruction import RARObjective, build_reconstructor
+from carlrar.storage import atomic_dir, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedSplit:
+    """A tokenised split: one id list per example (unpadded) and the labels."""
+
+    ids: list[list[int]]
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode_split(path: Path, tokenizer: PreTrainedTokenizerBase, max_length: int) -> EncodedSplit:
+    frame = pd.read_parquet(path)
+    ids = tokenizer(list(frame["text"]), truncation=True, max_length=max_length)["input_ids"] if len(frame) else []
+    return EncodedSplit(ids=ids, labels=torch.tensor(frame["label"].to_numpy(), dtype=torch.long))
+
+
+def collate(split: EncodedSplit, rows: Tensor, pad_id: int) -> Batch:
+    """Pad to the longest sequence in the batch (dynamic padding, SPEC 3 step 1)."""
+    seqs = [split.ids[i] for i in rows.tolist()]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return Batch(input_ids=input_ids, attention_mask=mask, labels=split.labels[rows], indices=rows.clone())
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> Tensor:
+    """The shuffle of an epoch depends only on (seed, epoch), so a resumed run sees the same batches."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_rows, generator=generator)
+
+
+def batches(split: EncodedSplit, order: Tensor, batch_size: int, pad_id: int, start: int = 0) -> Iterator[Batch]:
+    for first in range(start * batch_size, len(order), batch_size):
+        yield collate(split, order[first : first + batch_size], pad_id)
+
+
+@torch.no_grad()
+def evaluate(
+    model: TextClassifier, split: EncodedSplit, batch_size: int, pad_id: int, device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[float, Tensor]:
+    """Accuracy and predictions on a split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    predictions = []
+    for batch in batches(split, torch.arange(len(split)), batch_size, pad_id):
+        batch = batch.to(device)
+        with autocast_context(device, amp_dtype):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        predictions.append(logits.argmax(-1).cpu())
+    model.train(was_training)
+    preds = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    accuracy = float((preds == split.labels).float().mean()) if len(split) else float("nan")
+    return accuracy, preds
+
+
+# --- the method --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Method:
+    """A method is a perturber plus auxiliary losses (SPEC 6 and 8)."""
+
+    name: str
+    freelb: FreeLB | None
+    auxiliaries: list[AuxiliaryLoss]
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        return {aux.name: aux for aux in self.auxiliaries if isinstance(aux, nn.Module)}
+
+
+def carl_schedule(start_step: int | None, start_epoch: float | None, steps_per_epoch: int) -> tuple[int, int]:
+    """(tau, first bank-writing step): banks are written from the start of the epoch before tau's epoch.
+
+    Starting at an epoch boundary guarantees every row is written before L_D starts (SPEC 4).
+    """
+    tau = start_step if start_step is not None else round((start_epoch or 0) * steps_per_epoch)
+    if tau < steps_per_epoch:
+        raise CarlrarError(
+            f"CARL's start (tau = {tau} steps) must be at least one epoch ({steps_per_epoch} steps) so that the memory "
+            "banks hold every training example when L_D starts; raise datasets.<name>.carl.start_step/start_epoch"
+        )
+    return tau, (tau // steps_per_epoch - 1) * steps_per_epoch
+
+
+def build_method(
+    name: str, config: Config, dataset: str, model: TextClassifier, train_labels: Tensor, seed: int,
+    steps_per_epoch: int,
+) -> Method:
+    if name not in METHODS:
+        raise CarlrarError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    ds = config.dataset(dataset)
+    freelb = None if name == "base" else FreeLB(ds.freelb)
+    auxiliaries: list[AuxiliaryLoss] = []
+    if name in ("carl", "carl_rar"):
+        tau, bank_start = carl_schedule(ds.carl.start_step, ds.carl.start_epoch, steps_per_epoch)
+        carl = config.training["carl"]
+        try:
+            loss = CARLLoss(train_labels, model.config.hidden_size, ds.carl.negatives, temperature=carl["temperature"],
+                            momentum=carl["momentum"], loss=carl["loss"], seed=seed)
+        except ValueError as exc:
+            raise CarlrarError(f"CARL on {dataset}: {exc}") from None
+        auxiliaries.append(CARLObjective(loss, start_step=tau, bank_start_step=bank_start))
+    if name in ("rar", "carl_rar"):
+        reconstructor = build_reconstructor(model, config.model["name"])
+        auxiliaries.append(RARObjective(reconstructor, weight=config.training["rar"]["weight"]))
+    return Method(name, freelb, auxiliaries)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------
+
+
+def _flatten(prefix: str, obj: Any, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Split a nested state into safetensors-storable tensors and JSON-storable values (no pickle)."""
+    if isinstance(obj, Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), value, tensors, meta)
+    else:
+        meta[prefix] = obj
+
+
+def _unflatten(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    root: dict[str, Any] = {}
+    for key, value in [*tensors.items(), *meta.items()]:
+        node = root
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return root
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _module_state(module: nn.Module) -> dict[str, Any]:
+    """state_dict with tied parameters once (safetensors refuses shared storage) and extra states nested."""
+    return {key: value.clone() if isinstance(value, Tensor) else value for key, value in module.state_dict().items()}
+
+
+@dataclass
+class Progress:
+    """Everything about where training stands that is not a tensor."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_dev_accuracy: float = -1.0
+    best_step: int = -1
+    train_seconds: float = 0.0
+    samples_seen: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], progress: Progress) -> None:
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {}
+    _flatten("", state, tensors, meta)
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"meta": meta, "progress": progress.__dict__}, indent=1))
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], Progress]:
+    info = json.loads((path / "state.json").read_text())
+    return _unflatten(load_file(str(path / "state.safetensors")), info["meta"]), Progress(**info["progress"])
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    groups = [dict(g) for g in json.loads(state["param_groups"])]
+    per_param = {int(k): v for k, v in state.get("state", {}).items()}
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    sd = optimizer.state_dict()
+    return {"state": {str(k): v for k, v in sd["state"].items()}, "param_groups": json.dumps(sd["param_groups"])}
+
+
+# --- the loop --------------------------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"carlrar": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _make_optimizer(params: list[nn.Parameter], named: dict[int, str], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases and LayerNorm weights, as in run_glue_no_trainer.py."""
+    no_decay = [p for p in params if named[id(p)].endswith("bias") or "LayerNorm" in named[id(p)] or "norm" in named[id(p)].lower()]
+    no_decay_ids = {id(p) for p in no_decay}
+    decay = [p for p in params if id(p) not in no_decay_ids]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    run_dir: Path
+
+
+def train(
+    config: Config, dataset: str, method_name: str, seed: int, data_dir: str | Path, run_dir: str | Path,
+    device_request: str = "auto",
+) -> TrainResult:
+    """Train one (dataset, method, seed) run into ``run_dir``; resume from its checkpoint if there is one."""
+    from transformers import set_seed
+
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    manifest = read_manifest(data_dir)
+    tcfg, ds = config.training, config.dataset(dataset)
+    device, lease = select_device(device_request)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    set_seed(seed, deterministic=device.type == "cpu")
+
+    model, tokenizer = load_model(config.model["name"], manifest["num_labels"], config.model.get("overrides") or None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    max_length = config.data.max_length
+    train_split = encode_split(data_dir / "train.parquet", tokenizer, max_length)
+    dev_split = encode_split(data_dir / "dev.parquet", tokenizer, max_length)
+    test_split = encode_split(data_dir / "test.parquet", tokenizer, max_length)
+    if len(train_split) == 0 or len(dev_split) == 0:
+        raise CarlrarError(f"{data_dir}: train and dev must not be empty (rows: {len(train_split)}, {len(dev_split)})")
+
+    steps_per_epoch = math.ceil(len(train_split) / ds.batch_size)
+    total_steps = tcfg["max_steps"] or math.ceil(tcfg["epochs"] * steps_per_epoch)
+    method = build_method(method_name, config, dataset, model, train_split.labels, seed, steps_per_epoch)
+    model.to(device)
+    for module in method.modules.values():
+        module.to(device)
+    modules: dict[str, nn.Module] = {"model": model, **method.modules}
+    named = {id(p): f"{mname}.{pname}" for mname, mod in modules.items() for pname, p in mod.named_parameters()}
+    params = list({id(p): p for mod in modules.values() for p in mod.parameters() if p.requires_grad}.values())
+    optimizer = _make_optimizer(params, named, tcfg["learning_rate"], tcfg["weight_decay"])
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(tcfg["warmup_ratio"] * total_steps), total_steps)
+
+    checkpoint_dir, best_dir = run_dir / "checkpoint", run_dir / "best"
+    progress = Progress()
+    if (checkpoint_dir / "state.json").is_file():
+        state, progress = load_checkpoint(checkpoint_dir)
+        for mname, module in modules.items():
+            module.load_state_dict(state["modules"][mname])
+        _restore_optimizer(optimizer, state["optimizer"])
+        scheduler.load_state_dict({k: v for k, v in json.loads(state["scheduler"]).items()})
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        log.info("resumed %s at step %d (epoch %d, batch %d)", run_dir, progress.step, progress.epoch, progress.batch_in_epoch)
+
+    def checkpoint() -> None:
+        state = {
+            "modules": {mname: _module_state(module) for mname, module in modules.items()},
+            "optimizer": _optimizer_state(optimizer),
+            "scheduler": json.dumps(scheduler.state_dict()),
+            "rng": _rng_state(device),
+        }
+        save_checkpoint(checkpoint_dir, state, progress)
+
+    def save_best() -> None:
+        with atomic_dir(best_dir) as tmp:
+            save_file({f"{mname}.{k}": v for mname, module in modules.items() if any(True for _ in module.parameters())
+                       for k, v in _module_state(module).items() if isinstance(v, Tensor)},
+                      str(tmp / "weights.safetensors"))
+            model.encoder.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+    def run_eval() -> None:
+        accuracy, _ = evaluate(model, dev_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)
+        progress.history.append({"step": progress.step, "epoch": progress.step / steps_per_epoch,
+                                 "dev_accuracy": accuracy, "train_loss": running_loss()})
+        log.info("step %d: dev accuracy %.4f", progress.step, accuracy)
+        if accuracy > progress.best_dev_accuracy:
+            progress.best_dev_accuracy, progress.best_step = accuracy, progress.step
+            save_best()
+        checkpoint()
+
+    loss_window: list[float] = []
+
+    def running_loss() -> float | None:
+        return sum(loss_window) / len(loss_window) if loss_window else None
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=progress.step, desc=f"{dataset}/{method_name}/seed{seed}", unit="step",
+               dynamic_ncols=True, disable=None)
+    started = time.perf_counter() - progress.train_seconds
+    correct = seen = 0
+    while progress.step < total_steps:
+        order = epoch_order(len(train_split), seed, progress.epoch)
+        for batch in batches(train_split, order, ds.batch_size, pad_id, start=progress.batch_in_epoch):
+            batch = batch.to(device)
+            out = adversarial_backward(model, batch, method.freelb, method.auxiliaries, progress.step, amp_dtype)
+            if tcfg["max_grad_norm"] > 0:
+                torch.nn.utils.clip_grad_norm_(params, tcfg["max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.batch_in_epoch += 1
+            progress.samples_seen += len(batch.labels)
+            correct += int((out.logits.argmax(-1) == batch.labels).sum())
+            seen += len(batch.labels)
+            loss_window[:] = [*loss_window[-49:], out.total]
+            progress.train_seconds = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{out.total:.4f}", acc=f"{correct / seen:.3f}",
+                            samples_s=f"{progress.samples_seen / max(progress.train_seconds, 1e-9):.1f}")
+            end_of_epoch = progress.batch_in_epoch == steps_per_epoch
+            if end_of_epoch:
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+            if end_of_epoch or progress.step == total_steps or (tcfg["eval_every"] and progress.step % tcfg["eval_every"] == 0):
+                run_eval()
+            elif tcfg["checkpoint_every"] and progress.step % tcfg["checkpoint_every"] == 0:
+                checkpoint()
+            if progress.step >= total_steps or end_of_epoch:
+                break
+    bar.close()
+
+    best = load_file(str(best_dir / "weights.safetensors"))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in best.items() if k.startswith("model.")})
+    test_accuracy = (
+        evaluate(model, test_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)[0] if len(test_split) else None
+    )
+    evaluated = manifest["evaluation_split"]
+    metrics = {
+        "dataset": dataset, "method": method_name, "seed": seed, "evaluated_split": evaluated,
+        "dev_accuracy": progress.best_dev_accuracy, "test_accuracy": test_accuracy,
+        "eval_accuracy": progress.best_dev_accuracy if evaluated == "dev" else test_accuracy,
+        "best_step": progress.best_step, "params": count_parameters(nn.ModuleList(list(modules.values()))),
+        "steps": progress.step, "epochs": progress.step / steps_per_epoch, "train_seconds": progress.train_seconds,
+        "samples_per_second": progress.samples_seen / max(progress.train_seconds, 1e-9),
+        "device": str(device), "history": progress.history,
+        "config": {"model": config.model, "data": config.raw["data"], "training": tcfg,
+                   "dataset": config.raw["datasets"][dataset]},
+        "versions": _versions(),
+        "data": {"manifest_sha256": sha256_file(data_dir / "manifest.json"),
+                 "splits": {s: info["sha256"] for s, info in manifest["splits"].items()}},
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    if lease is not None:
+        lease.release()
+    return TrainResult(metrics=metrics, run_dir=run_dir)
