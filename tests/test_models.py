@@ -145,7 +145,7 @@ def test_config_only_folder_points_to_random() -> None:
 
 
 def test_overrides_need_random_weights() -> None:
-    with pytest.raises(ValueError, match="random:"):
+    with pytest.raises(ModelLoadError, match="random:"):
         load_model("minilm-l6", 2, {"hidden_size": 32})
-    with pytest.raises(ValueError, match="no setting 'hidden_sise'"):
+    with pytest.raises(ModelLoadError, match="no setting 'hidden_sise'"):
         load_model(f"random:{ALBERT}", 2, {"hidden_sise": 32})

@@ -33,6 +33,84 @@ def _cmd_train(args: argparse.Namespace) -> None:
                  args.dataset, args.method, args.seed, m["dev_accuracy"], test, m["steps"], m["train_seconds"], args.out)
 
 
+def _cmd_table2(args: argparse.Namespace) -> None:
+    from carlrar.reporting import write_table2
+
+    frame = write_table2(args.metrics, args.out)
+    logging.info("Table 2: %d rows from %d metrics files -> %s.{md,csv,tex}", len(frame), len(args.metrics), args.out)
+
+
+def _cmd_attack(args: argparse.Namespace) -> None:
+    from carlrar.attacks import attack_split
+
+    # attack_split logs each epsilon's accuracy under attack, success rate and representation distances.
+    attack_split(args.run_dir, args.data, args.out, args.epsilons, args.steps, args.step_size_ratio,
+                 args.batch_size, args.device, args.seed)
+    logging.info("records_eps*.parquet and summary.json -> %s", args.out)
+
+
+def _cmd_samples(args: argparse.Namespace) -> None:
+    from carlrar.attacks import text_samples
+
+    report = text_samples(args.run_dir, args.base_run, args.data, args.out, args.epsilon, args.steps,
+                          args.step_size_ratio, args.batch_size, args.device, args.seed)
+    logging.info("%d of %d decoded sentences differ from the original; %d fool the base model -> %s",
+                 report["n_changed"], report["n_examples"], report["n_fool_base"], args.out)
+
+
+def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
+    """``attack`` (Tables 4 and 5) and ``samples`` (Table 6)."""
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--steps", type=int, default=10, help="k, the number of PGD steps (default: 10)")
+        sub.add_argument("--step-size-ratio", type=float, default=0.25,
+                         help="step size alpha as a fraction of epsilon (default: 0.25, i.e. alpha = epsilon / 4)")
+        sub.add_argument("--batch-size", type=int, default=64, help="examples per attacked batch (default: 64)")
+        sub.add_argument("--device", default="auto", help="auto (a free GPU, else CPU), cpu, cuda or cuda:N")
+        sub.add_argument("--seed", type=int, default=0, help="seed of the random starts (default: 0)")
+
+    attack = commands.add_parser(
+        "attack",
+        help="k-PGD attack on the word embeddings of a trained run (paper Tables 4 and 5)",
+        description=(
+            "Attack RUN's best model on DATA's evaluated split (the manifest's evaluation_split) with l2 k-PGD on "
+            "the raw word embeddings: random start in the epsilon ball, K steps of size alpha along g/||g||, "
+            "projection per example; eval mode, parameters frozen. Writes OUT/records_eps{EPS}.parquet (per "
+            "example: row, gold, clean_pred, attacked_pred, perturbation_norm, cosine, euclidean) and "
+            "OUT/summary.json (per epsilon: clean_accuracy, attacked_accuracy = correct after attack / all, "
+            "attack_success_rate = flipped / originally correct, mean_cosine and mean_euclidean between clean and "
+            "attacked sentence representations)."
+        ),
+    )
+    attack.add_argument("--run", dest="run_dir", metavar="RUN", required=True, type=Path,
+                        help="a finished 'carlrar train' run folder")
+    attack.add_argument("--data", required=True, type=Path, help="the prepared dataset folder the run was trained on")
+    attack.add_argument("--out", required=True, type=Path, help="output folder")
+    attack.add_argument("--epsilons", type=float, nargs="+", default=[0.02, 0.075, 0.1],
+                        help="l2 radii of the attack, per sentence (default: 0.02 0.075 0.1, as in Table 5)")
+    common(attack)
+    attack.set_defaults(run=_cmd_attack)
+
+    samples = commands.add_parser(
+        "samples",
+        help="text-form adversarial samples from a RAR run's reconstructor, judged by a base run (Table 6)",
+        description=(
+            "Attack RUN (a rar or carl_rar run) with k-PGD on DATA's evaluated split, decode its reconstructor's "
+            "argmax tokens at the attacked token states, keep the sentences that differ from the original, and "
+            "record whether BASE_RUN (the base model of the same seed) classifies the original correctly and the "
+            "decoded text wrongly. Writes OUT (JSON: n_examples, n_changed, n_fool_base and the examples)."
+        ),
+    )
+    samples.add_argument("--run", dest="run_dir", metavar="RUN", required=True, type=Path,
+                         help="a finished rar or carl_rar run folder")
+    samples.add_argument("--base-run", required=True, type=Path, help="the base run of the same dataset and seed")
+    samples.add_argument("--data", required=True, type=Path, help="the prepared dataset folder (e.g. SST-2)")
+    samples.add_argument("--out", required=True, type=Path, help="output JSON file")
+    samples.add_argument("--epsilon", type=float, default=0.1, help="l2 radius of the attack (default: 0.1)")
+    common(samples)
+    samples.set_defaults(run=_cmd_samples)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carlrar",
@@ -73,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, help="run folder")
     train.add_argument("--device", default="auto", help="auto (a free GPU, else CPU), cpu, cuda or cuda:N")
     train.set_defaults(run=_cmd_train)
+
+    table2 = commands.add_parser(
+        "table2",
+        help="Table 2: clean accuracy, mean ± std over seeds, difference from FreeLB",
+        description="Aggregate metrics.json files into PREFIX.md, PREFIX.csv and PREFIX.tex (each written atomically).",
+    )
+    table2.add_argument("--metrics", required=True, nargs="+", type=Path, help="metrics.json files of finished runs")
+    table2.add_argument("--out", required=True, type=Path, help="output prefix, e.g. results/paper/tables/table2_accuracy")
+    table2.set_defaults(run=_cmd_table2)
+    _add_attack_parsers(commands)
     return parser
 
 

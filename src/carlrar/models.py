@@ -169,7 +169,7 @@ def load_model(
     """
     source, random_init = parse_name(name)
     if overrides and not random_init:
-        raise ValueError(
+        raise ModelLoadError(
             "config overrides change the architecture, so they need random weights: "
             f"use '{RANDOM_PREFIX}{name}' instead of '{name}'"
         )
@@ -180,7 +180,7 @@ def load_model(
             config = AutoConfig.from_pretrained(resolved)
             for key, value in (overrides or {}).items():
                 if not hasattr(config, key):
-                    raise ValueError(f"{type(config).__name__} has no setting '{key}' to override")
+                    raise ModelLoadError(f"{type(config).__name__} has no setting '{key}' to override")
                 setattr(config, key, value)
             encoder = AutoModel.from_config(config)
         else:

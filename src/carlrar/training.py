@@ -161,12 +161,15 @@ def build_method(
 
 
 def _flatten(prefix: str, obj: Any, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Split a nested state into safetensors-storable tensors and JSON-storable values (no pickle)."""
+    """Split a nested state into safetensors-storable tensors and JSON-storable values (no pickle).
+
+    Nesting levels are joined with "/", which never occurs in state_dict keys (those use ".").
+    """
     if isinstance(obj, Tensor):
         tensors[prefix] = obj.detach().cpu().contiguous()
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), value, tensors, meta)
+            _flatten(f"{prefix}/{key}" if prefix else str(key), value, tensors, meta)
     else:
         meta[prefix] = obj
 
@@ -175,7 +178,7 @@ def _unflatten(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, An
     root: dict[str, Any] = {}
     for key, value in [*tensors.items(), *meta.items()]:
         node = root
-        *parents, leaf = key.split(".")
+        *parents, leaf = key.split("/")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
@@ -205,6 +208,7 @@ class Progress:
     best_step: int = -1
     train_seconds: float = 0.0
     samples_seen: int = 0
+    recent_losses: list[float] = field(default_factory=list)  # the logged running loss, restored on resume
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -328,16 +332,16 @@ def train(
         accuracy, _ = evaluate(model, dev_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)
         progress.history.append({"step": progress.step, "epoch": progress.step / steps_per_epoch,
                                  "dev_accuracy": accuracy, "train_loss": running_loss()})
+        progress.recent_losses.clear()
         log.info("step %d: dev accuracy %.4f", progress.step, accuracy)
         if accuracy > progress.best_dev_accuracy:
             progress.best_dev_accuracy, progress.best_step = accuracy, progress.step
             save_best()
         checkpoint()
 
-    loss_window: list[float] = []
-
     def running_loss() -> float | None:
-        return sum(loss_window) / len(loss_window) if loss_window else None
+        losses = progress.recent_losses
+        return sum(losses) / len(losses) if losses else None
 
     model.train()
     bar = tqdm(total=total_steps, initial=progress.step, desc=f"{dataset}/{method_name}/seed{seed}", unit="step",
@@ -359,7 +363,7 @@ def train(
             progress.samples_seen += len(batch.labels)
             correct += int((out.logits.argmax(-1) == batch.labels).sum())
             seen += len(batch.labels)
-            loss_window[:] = [*loss_window[-49:], out.total]
+            progress.recent_losses.append(out.total)
             progress.train_seconds = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(loss=f"{out.total:.4f}", acc=f"{correct / seen:.3f}",
@@ -400,3 +404,35 @@ def train(
     if lease is not None:
         lease.release()
     return TrainResult(metrics=metrics, run_dir=run_dir)
+
+
+@dataclass
+class TrainedRun:
+    """A finished run's best weights, rebuilt for evaluation and attacks."""
+
+    model: TextClassifier
+    tokenizer: PreTrainedTokenizerBase
+    reconstructor: nn.Module | None
+    metrics: dict[str, Any]
+
+
+def load_trained_run(run_dir: str | Path, device: torch.device | str = "cpu") -> TrainedRun:
+    """Rebuild the model (and RAR's reconstructor, if the run has one) from ``run_dir/best`` in eval mode.
+
+    The architecture and tokenizer come from the folder itself, so no hub access is needed.
+    """
+    run_dir = Path(run_dir)
+    best, metrics_path = run_dir / "best", run_dir / "metrics.json"
+    if not (best / "weights.safetensors").is_file() or not metrics_path.is_file():
+        raise CarlrarError(f"{run_dir} is not a finished training run (no best/weights.safetensors or metrics.json)")
+    weights = load_file(str(best / "weights.safetensors"))
+    model, tokenizer = load_model(f"random:{best}", weights["model.classifier.weight"].shape[0])
+    model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
+    reconstructor = None
+    rar_weights = {k.removeprefix("rar.reconstructor."): v for k, v in weights.items() if k.startswith("rar.")}
+    if rar_weights:
+        reconstructor = build_reconstructor(model, f"random:{best}")
+        reconstructor.load_state_dict(rar_weights)
+        reconstructor.to(device).eval()
+    model.to(device).eval()
+    return TrainedRun(model, tokenizer, reconstructor, json.loads(metrics_path.read_text()))

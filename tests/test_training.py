@@ -1,0 +1,191 @@
+"""The training loop: it learns, it resumes exactly, it records what it did, and it picks GPUs safely."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from carlrar import training
+from carlrar.config import from_mapping
+from carlrar.data import prepare_dataset
+from carlrar.devices import lease_gpu, visible_gpu_ids
+from carlrar.errors import CarlrarError
+from carlrar.training import carl_schedule, train
+
+TINY_MODEL = {
+    "name": "random:minilm-l6",
+    "overrides": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+}
+
+
+def tiny_config(**training_overrides) -> dict:
+    return {
+        "run_name": "t",
+        "data": {"seed": 3, "max_length": 16},
+        "model": TINY_MODEL,
+        "training": {"epochs": 4, "eval_every": 0, "eval_batch_size": 16, "learning_rate": 3e-3,
+                     "checkpoint_every": 3, **training_overrides},
+        "datasets": {"sst2": {"per_class": {"train": "all", "dev": "all", "test": 0}, "dev_source": "official",
+                              "evaluate": "dev", "batch_size": 8,
+                              "freelb": {"init_mag": 0.6, "adv_lr": 0.1, "adv_max_norm": 0.0, "adv_steps": 2},
+                              "carl": {"start_epoch": 1, "negatives": 5}}},
+    }
+
+
+@pytest.fixture(scope="module")
+def learnable_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A task a tiny model must learn: the label is whether the sentence says 'good' or 'bad'."""
+    root = tmp_path_factory.mktemp("raw")
+    (root / "sst2").mkdir()
+    nouns = ["film", "plot", "cast", "story", "score", "script", "ending", "pace"]
+
+    rng = random.Random(0)
+
+    def rows(n: int) -> str:
+        lines = [f"a {rng.choice(nouns)} so {'good' if i % 2 else 'bad'} {rng.choice(nouns)} \t{i % 2}" for i in range(n)]
+        return "sentence\tlabel\n" + "\n".join(lines) + "\n"
+
+    (root / "sst2/train.tsv").write_text(rows(40))
+    (root / "sst2/dev.tsv").write_text(rows(16))
+    out = tmp_path_factory.mktemp("prepared") / "sst2"
+    prepare_dataset(from_mapping(tiny_config()), "sst2", root, out)
+    return out
+
+
+def test_base_learns_a_learnable_task(tmp_path: Path, learnable_data: Path) -> None:
+    result = train(from_mapping(tiny_config(epochs=8)), "sst2", "base", 1, learnable_data, tmp_path / "run", "cpu")
+    metrics = result.metrics
+    assert metrics["dev_accuracy"] >= 0.9, metrics["history"]
+    assert metrics["history"][0]["dev_accuracy"] <= metrics["dev_accuracy"]
+
+
+def test_metrics_record_config_versions_and_data(tmp_path: Path, learnable_data: Path) -> None:
+    metrics = train(from_mapping(tiny_config(epochs=1)), "sst2", "freelb", 2, learnable_data, tmp_path / "r", "cpu").metrics
+    on_disk = json.loads((tmp_path / "r/metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    for key in ("dev_accuracy", "test_accuracy", "eval_accuracy", "evaluated_split", "params", "steps",
+                "train_seconds", "samples_per_second", "history", "config", "versions", "data"):
+        assert key in on_disk, key
+    manifest = json.loads((learnable_data / "manifest.json").read_text())
+    assert on_disk["data"]["splits"]["train"] == manifest["splits"]["train"]["sha256"]
+    assert on_disk["config"]["dataset"]["freelb"]["adv_steps"] == 2
+    assert on_disk["test_accuracy"] is None and on_disk["evaluated_split"] == "dev"
+    assert on_disk["steps"] == 5  # ceil(40 / 8) steps, one epoch
+    assert {"torch", "transformers", "carlrar"} <= set(on_disk["versions"])
+    # checkpoints are safetensors + JSON, never pickle
+    assert sorted(p.name for p in (tmp_path / "r/checkpoint").iterdir()) == ["state.json", "state.safetensors"]
+    assert (tmp_path / "r/best/weights.safetensors").is_file()
+
+
+class _Killed(Exception):
+    """Stands for the process being killed."""
+
+
+@pytest.mark.parametrize("method", ["base", "freelb", "carl", "rar"])
+def test_killed_run_resumes_to_identical_metrics(tmp_path: Path, learnable_data: Path, method: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    config = from_mapping(tiny_config(epochs=3))
+    reference = train(config, "sst2", method, 7, learnable_data, tmp_path / "reference", "cpu").metrics
+
+    real_step = training.adversarial_backward
+    calls = {"n": 0}
+
+    def dies_at_step_fourteen(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 14:  # mid-epoch (5 steps per epoch), one step after the checkpoint of step 12
+            raise _Killed
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "adversarial_backward", dies_at_step_fourteen)
+    with pytest.raises(_Killed):
+        train(config, "sst2", method, 7, learnable_data, tmp_path / "resumed", "cpu")
+    monkeypatch.setattr(training, "adversarial_backward", real_step)
+    state = json.loads((tmp_path / "resumed/checkpoint/state.json").read_text())
+    assert state["progress"]["step"] == 12 and state["progress"]["batch_in_epoch"] == 2
+    resumed = train(config, "sst2", method, 7, learnable_data, tmp_path / "resumed", "cpu").metrics
+
+    for key in ("dev_accuracy", "eval_accuracy", "best_step", "steps", "history", "params"):
+        assert resumed[key] == reference[key], key
+    ref_weights = load_file(str(tmp_path / "reference/best/weights.safetensors"))
+    new_weights = load_file(str(tmp_path / "resumed/best/weights.safetensors"))
+    assert ref_weights.keys() == new_weights.keys()
+    for name in ref_weights:
+        assert torch.equal(ref_weights[name], new_weights[name]), name
+    if method == "carl":
+        ref_state = load_file(str(tmp_path / "reference/checkpoint/state.safetensors"))
+        new_state = load_file(str(tmp_path / "resumed/checkpoint/state.safetensors"))
+        banks = [k for k in ref_state if "bank_" in k or k.endswith(("z_a", "z_o"))]
+        assert banks and all(torch.equal(ref_state[k], new_state[k]) for k in banks)
+
+
+def test_rerunning_a_finished_run_changes_nothing(tmp_path: Path, learnable_data: Path) -> None:
+    config = from_mapping(tiny_config(epochs=1))
+    first = train(config, "sst2", "base", 1, learnable_data, tmp_path / "r", "cpu").metrics
+    again = train(config, "sst2", "base", 1, learnable_data, tmp_path / "r", "cpu").metrics
+    assert again["history"] == first["history"] and again["steps"] == first["steps"]
+
+
+def test_carl_schedule_writes_banks_a_full_epoch_before_tau() -> None:
+    assert carl_schedule(6315, None, 2105) == (6315, 4210)  # SST-2: tau = 3 epochs
+    assert carl_schedule(7750, None, 3750) == (7750, 3750)  # AG's News: banks written during epoch 2
+    assert carl_schedule(None, 2, 10) == (20, 10)
+    with pytest.raises(CarlrarError, match="at least one epoch"):
+        carl_schedule(5, None, 10)
+
+
+def test_carl_with_too_few_negatives_fails_at_start(tmp_path: Path, learnable_data: Path) -> None:
+    config = tiny_config()
+    config["datasets"]["sst2"]["carl"]["negatives"] = 21  # each class has 20 rows of the other label
+    with pytest.raises(CarlrarError, match="CARL on sst2: class 0"):
+        train(from_mapping(config), "sst2", "carl", 1, learnable_data, tmp_path / "r", "cpu")
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_is_one_clear_error(tmp_path: Path) -> None:
+    from carlrar.cli import main
+
+    code = main(["train", "--config", "config/smoke.yaml", "--dataset", "sst2", "--method", "base", "--seed", "1",
+                 "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")])
+    assert code == 2
+
+
+# --- GPU leasing, tested without a GPU -------------------------------------------------------------------------
+
+
+def test_each_job_leases_a_different_gpu(tmp_path: Path) -> None:
+    first = lease_gpu(["0", "1"], tmp_path)
+    second = lease_gpu(["0", "1"], tmp_path)
+    assert (first.index, second.index) == (0, 1)
+    with pytest.raises(CarlrarError, match="all visible GPUs"):
+        lease_gpu(["0", "1"], tmp_path, wait_seconds=0)
+    first.release()
+    assert lease_gpu(["0", "1"], tmp_path).physical_id == "0"
+
+
+def test_lease_held_by_another_process_is_skipped(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from filelock import FileLock; "
+         f"l = FileLock(r'{tmp_path / 'gpu-3.lock'}'); l.acquire(); print('held', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lease = lease_gpu(["3", "5"], tmp_path)
+        assert (lease.index, lease.physical_id) == (1, "5")
+    finally:
+        holder.kill()
+
+
+def test_visible_devices_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert visible_gpu_ids(2) == ["2", "5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpu_ids(3) == ["0", "1", "2"]

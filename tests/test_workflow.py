@@ -1,0 +1,152 @@
+"""The Snakemake workflow: the planned DAG for the paper's grid, config validation, and a tiny real run.
+
+Snakemake 9 has no Python API to call (``snakemake.snakemake()`` is gone), so every test runs the command line
+in a subprocess, with the virtual environment's ``bin`` first on PATH so that rules find ``carlrar``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from carlrar.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    exe = BIN / "snakemake"
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "snakemake"]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(
+        [*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a (dry) run: rule name -> number of jobs."""
+    table = output[output.index("Job stats:"):]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M)}
+
+
+def planned_wildcards(output: str, rule: str) -> set[tuple[str, ...]]:
+    """The wildcard values of every planned job of ``rule`` in a dry run's job listing."""
+    found = set()
+    for block in output.split("\nrule ")[1:]:
+        if block.startswith(f"{rule}:"):
+            match = re.search(r"^\s+wildcards: (.*)$", block, flags=re.M)
+            found.add(tuple(part.split("=", 1)[1] for part in match.group(1).split(", ")))
+    return found
+
+
+def test_paper_config_plans_the_full_grid(raw_dir: Path, paper_config_path: Path) -> None:
+    # --forceall: plan every job even where results already exist in the checkout
+    result = snakemake("-n", "--forceall", "--configfile", str(paper_config_path), "--config", f"raw_dir={raw_dir}")
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    output = result.stdout + result.stderr
+    paper = yaml.safe_load(paper_config_path.read_text())
+    datasets, methods, seeds = list(paper["datasets"]), paper["training"]["methods"], paper["training"]["seeds"]
+    assert (len(datasets), len(methods), len(seeds)) == (4, 4, 3)
+
+    assert job_counts(output) == {"prepare": 4, "train": 48, "table2": 1, "all": 1, "total": 54}
+    assert planned_wildcards(output, "prepare") == {(d,) for d in datasets}
+    assert planned_wildcards(output, "train") == {(d, m, str(s)) for d in datasets for m in methods for s in seeds}
+    assert "results/paper/tables/table2_accuracy.md" in output
+    assert f"--raw-dir {raw_dir}" in output or f"raw_dir={raw_dir}" in output
+
+
+def test_command_line_configfile_replaces_the_paper_config(raw_dir: Path) -> None:
+    """Snakemake would merge --configfile into config/config.yaml; the workflow makes it replace it instead."""
+    result = snakemake("-n", "--forceall", "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert job_counts(output) == {"prepare": 1, "train": 4, "table2": 1, "all": 1, "total": 7}
+    assert planned_wildcards(output, "train") == {("sst2", m, s) for m in ("base", "freelb") for s in ("1", "2")}
+    assert "results/smoke/tables/table2_accuracy.csv" in output
+
+
+def test_targets_outside_the_config_grid_are_refused(raw_dir: Path) -> None:
+    outside = "results/smoke/runs/sst2/carl/seed1/metrics.json"  # carl is not among smoke.yaml's methods
+    result = snakemake("-n", outside, "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
+    assert result.returncode != 0
+    assert "No rule to produce" in result.stdout + result.stderr
+
+
+def test_smoke_config_is_valid() -> None:
+    config = load_config(ROOT / "config" / "smoke.yaml")
+    assert list(config.datasets) == ["sst2"]
+    sst2 = config.dataset("sst2")
+    assert sst2.per_class == {"train": 24, "dev": 8, "test": 0}
+    assert (sst2.dev_source, sst2.evaluate, sst2.batch_size) == ("official", "dev", 8)
+    assert (sst2.freelb.adv_steps, sst2.carl.start_epoch, sst2.carl.negatives) == (2, 2, 4)
+    assert config.model["name"] == "random:minilm-l6" and config.model["overrides"]["hidden_size"] == 32
+    assert config.training["seeds"] == [1, 2] and config.training["methods"] == ["base", "freelb"]
+    assert config.training["epochs"] == 2 and config.data.max_length == 32
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"training": {"learning_rat": 0.1}}, r"config key 'training'.*'learning_rat' was unexpected"),
+        ({"datasets": {"sst2": {"per_class": {"train": 4, "dev": 2, "test": 0}, "dev_source": "official",
+                                "evaluate": "dev", "batch_sise": 8}}}, r"'datasets\.sst2'.*'batch_sise'"),
+        ({"training": {"methods": ["base", "fgm"]}}, r"'training\.methods\.1': 'fgm' is not allowed"),
+        ({"datasets": {"ag_news": {"per_class": {"train": 4, "dev": 2, "test": 2}, "dev_source": "official"}}},
+         r"'datasets\.ag_news\.dev_source': 'official' exists only for sst2"),
+    ],
+)
+def test_invalid_config_fails_naming_the_key(tmp_path: Path, change: dict, message: str) -> None:
+    config = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    if "datasets" in change:
+        config["datasets"] = change["datasets"]
+    else:
+        config["training"].update(change["training"])
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake("-n", "--configfile", str(path))
+    output = result.stdout + result.stderr  # snakemake prints its errors on stdout or stderr depending on version
+    assert result.returncode != 0
+    assert re.search(message, output), output[-3000:]
+    assert len(output.splitlines()) < 15  # one line naming the key, not a dump of the schema
+
+
+def test_smoke_dag_runs_end_to_end(tmp_path: Path, raw_dir: Path) -> None:
+    """The whole DAG for real on a tiny config: prepare -> 4 training runs -> Table 2, then nothing to redo."""
+    for name in ("Snakefile", "workflow", "config"):
+        source = ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp_path / name)
+    args = ("--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
+
+    # one thread per training run, so the four tiny runs go in parallel (their time is mostly start-up)
+    result = snakemake("--cores", "4", "--set-threads", "train=1", *args, cwd=tmp_path, timeout=600)
+    logs = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in sorted(tmp_path.glob("results/smoke/logs/**/*.log")))
+    assert result.returncode == 0, result.stderr[-4000:] + logs
+
+    results = tmp_path / "results" / "smoke"
+    assert (tmp_path / "data/processed/smoke/sst2/manifest.json").is_file()
+    for method in ("base", "freelb"):
+        for seed in (1, 2):
+            run = f"sst2/{method}/seed{seed}"
+            assert (results / "runs" / run / "metrics.json").is_file()
+            assert (results / "logs/train" / f"{run}.log").is_file()
+            assert (results / "benchmarks/train" / f"{run}.tsv").is_file()
+
+    table = pd.read_csv(results / "tables/table2_accuracy.csv")
+    assert table[["dataset", "method", "seeds"]].values.tolist() == [["sst2", "base", 2], ["sst2", "freelb", 2]]
+    assert table["mean"].between(0, 100).all()
+    assert table.loc[table["method"] == "freelb", "delta_vs_freelb"].tolist() == [0.0]
+    markdown = (results / "tables/table2_accuracy.md").read_text()
+    assert "SST-2" in markdown and "Base (fine-tuning)" in markdown and "FreeLB" in markdown
+    assert (results / "tables/table2_accuracy.tex").is_file()
+
+    again = snakemake("-n", *args, cwd=tmp_path)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]

@@ -1,0 +1,18 @@
+# Tables from the finished runs. Table 2: clean accuracy, mean ± std over seeds, delta vs FreeLB.
+
+
+rule table2:
+    input:
+        metrics=metrics_files(),
+        code=code_inputs(TABLE_CODE),
+    output:
+        md=f"{TABLE2_PREFIX}.md",
+        csv=f"{TABLE2_PREFIX}.csv",
+        tex=f"{TABLE2_PREFIX}.tex",
+    params:
+        prefix=lambda wildcards, output: output.md.removesuffix(".md"),
+    log:
+        f"{LOGS}/table2/table2_accuracy.log",
+    localrule: True
+    shell:
+        "carlrar table2 --metrics {input.metrics:q} --out {params.prefix:q} > {log:q} 2>&1"
