@@ -14,5 +14,5 @@ include: "workflow/rules/tables.smk"
 
 rule all:
     input:
-        table2_files(),
+        table_files(),
     default_target: True

@@ -164,3 +164,24 @@ def test_unreadable_inputs_are_errors(tmp_path: Path) -> None:
     broken.write_text("{not json")
     with pytest.raises(CarlrarError, match="not valid JSON"):
         write_table2([broken], tmp_path / "t2")
+
+
+def test_table7_counts_parameters_per_method_and_dataset(tmp_path: Path) -> None:
+    from carlrar.reporting import write_table7
+
+    paths = []
+    for dataset, base in (("sst2", 11_685_122), ("ag_news", 11_686_660)):
+        for method, extra in (("base", 0), ("freelb", 0), ("carl", 0), ("rar", 128_688)):
+            for seed in (1, 2):
+                path = tmp_path / f"{dataset}-{method}-{seed}.json"
+                path.write_text(json.dumps({"dataset": dataset, "method": method, "seed": seed, "params": base + extra}))
+                paths.append(path)
+    frame = write_table7(paths, tmp_path / "t7")
+    assert frame.loc[frame.method == "rar", "extra_vs_base"].tolist() == [128_688, 128_688]
+    assert frame["dataset"].tolist()[0] == "sst2"
+    markdown = (tmp_path / "t7.md").read_text()
+    assert "11,813,810" in markdown and "AG's News" in markdown
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"dataset": "sst2", "method": "rar", "seed": 3, "params": 5}))
+    with pytest.raises(CarlrarError, match="another seed of sst2/rar"):
+        write_table7([*paths, bad], tmp_path / "t7b")

@@ -55,9 +55,9 @@ def test_paper_config_plans_the_full_grid(raw_dir: Path, paper_config_path: Path
     output = result.stdout + result.stderr
     paper = yaml.safe_load(paper_config_path.read_text())
     datasets, methods, seeds = list(paper["datasets"]), paper["training"]["methods"], paper["training"]["seeds"]
-    assert (len(datasets), len(methods), len(seeds)) == (4, 4, 3)
+    assert (len(datasets), len(methods), len(seeds)) == (4, 5, 3)
 
-    assert job_counts(output) == {"prepare": 4, "train": 48, "table2": 1, "all": 1, "total": 54}
+    assert job_counts(output) == {"prepare": 4, "train": 60, "table2": 1, "table7": 1, "all": 1, "total": 67}
     assert planned_wildcards(output, "prepare") == {(d,) for d in datasets}
     assert planned_wildcards(output, "train") == {(d, m, str(s)) for d in datasets for m in methods for s in seeds}
     assert "results/paper/tables/table2_accuracy.md" in output
@@ -69,7 +69,7 @@ def test_command_line_configfile_replaces_the_paper_config(raw_dir: Path) -> Non
     result = snakemake("-n", "--forceall", "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
-    assert job_counts(output) == {"prepare": 1, "train": 4, "table2": 1, "all": 1, "total": 7}
+    assert job_counts(output) == {"prepare": 1, "train": 4, "table2": 1, "table7": 1, "all": 1, "total": 8}
     assert planned_wildcards(output, "train") == {("sst2", m, s) for m in ("base", "freelb") for s in ("1", "2")}
     assert "results/smoke/tables/table2_accuracy.csv" in output
 
@@ -147,6 +147,8 @@ def test_smoke_dag_runs_end_to_end(tmp_path: Path, raw_dir: Path) -> None:
     markdown = (results / "tables/table2_accuracy.md").read_text()
     assert "SST-2" in markdown and "Base (fine-tuning)" in markdown and "FreeLB" in markdown
     assert (results / "tables/table2_accuracy.tex").is_file()
+    params = pd.read_csv(results / "tables/table7_params.csv")
+    assert params["method"].tolist() == ["base", "freelb"] and params["extra_vs_base"].tolist() == [0, 0]
 
     again = snakemake("-n", *args, cwd=tmp_path)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]

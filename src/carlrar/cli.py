@@ -111,6 +111,13 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
     samples.set_defaults(run=_cmd_samples)
 
 
+def _cmd_table7(args: argparse.Namespace) -> None:
+    from carlrar.reporting import write_table7
+
+    write_table7(args.metrics, args.out)
+    logging.info("Table 7 -> %s.{md,csv}", args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carlrar",
@@ -160,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     table2.add_argument("--metrics", required=True, nargs="+", type=Path, help="metrics.json files of finished runs")
     table2.add_argument("--out", required=True, type=Path, help="output prefix, e.g. results/paper/tables/table2_accuracy")
     table2.set_defaults(run=_cmd_table2)
+
+    table7 = commands.add_parser(
+        "table7", help="Table 7: parameter count per method", description="Write PREFIX.md and PREFIX.csv."
+    )
+    table7.add_argument("--metrics", required=True, nargs="+", type=Path, help="metrics.json files of finished runs")
+    table7.add_argument("--out", required=True, type=Path, help="output prefix, e.g. results/paper/tables/table7_params")
+    table7.set_defaults(run=_cmd_table7)
     _add_attack_parsers(commands)
     return parser
 

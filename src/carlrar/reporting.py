@@ -169,3 +169,43 @@ def write_table2(metrics_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
     write_text(out_prefix.with_name(f"{suffix}.md"), markdown)
     write_text(out_prefix.with_name(f"{suffix}.tex"), latex)
     return frame
+
+
+def write_table7(metrics_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
+    """Table 7: trainable parameters per method (and dataset: the classifier's width follows the classes).
+
+    Counts come from the finished runs (``params`` in metrics.json, tied weights counted once), so the table
+    describes the models that were actually trained. Writes ``PREFIX.md`` and ``PREFIX.csv``.
+    """
+    counts: dict[tuple[str, str], int] = {}
+    for path in map(Path, metrics_paths):
+        try:
+            m = json.loads(path.read_text(encoding="utf-8"))
+            key, params = (str(m["dataset"]), str(m["method"])), int(m["params"])
+        except FileNotFoundError:
+            raise ReportError(f"metrics file not found: {path}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReportError(f"{path}: cannot read 'dataset', 'method' and 'params' for Table 7 ({exc})") from None
+        if counts.setdefault(key, params) != params:
+            raise ReportError(f"{path}: {params:,} parameters, but another seed of {key[0]}/{key[1]} has {counts[key]:,}")
+    if not counts:
+        raise ReportError("no metrics files given for Table 7")
+    rows = [
+        {"dataset": d, "method": m, "params": counts[(d, m)],
+         "extra_vs_base": counts[(d, m)] - counts[(d, "base")] if (d, "base") in counts else None}
+        for d in _order([d for d, _ in counts], DATASET_ORDER)
+        for m in _order([m for dd, m in counts if dd == d], METHOD_ORDER)
+    ]
+    frame = pd.DataFrame(rows).astype({"params": "int64", "extra_vs_base": "Int64"})
+    wide = frame.pivot(index="method", columns="dataset", values="params")
+    wide = wide.reindex(index=_order(frame["method"].tolist(), METHOD_ORDER),
+                        columns=_order(frame["dataset"].tolist(), DATASET_ORDER))
+    wide = wide.map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
+    wide.index = [METHOD_NAMES.get(m, m) for m in wide.index]
+    wide.index.name = "Method"
+    wide.columns = [DATASET_NAMES.get(d, d) for d in wide.columns]
+    note = "Trainable parameters of the trained models (tied weights counted once)."
+    out_prefix = Path(out_prefix)
+    write_text(out_prefix.with_name(f"{out_prefix.name}.csv"), frame.to_csv(index=False, lineterminator="\n"))
+    write_text(out_prefix.with_name(f"{out_prefix.name}.md"), wide.to_markdown() + "\n\n" + note + "\n")
+    return frame

@@ -133,5 +133,9 @@ def metrics_files():
 TABLE2_PREFIX = f"{RESULTS}/tables/table2_accuracy"
 
 
-def table2_files():
-    return [f"{TABLE2_PREFIX}.{ext}" for ext in ("md", "csv", "tex")]
+TABLE7_PREFIX = f"{RESULTS}/tables/table7_params"
+
+
+def table_files():
+    """Every table the runs feed: Table 2 (md, csv, tex) and Table 7 (md, csv)."""
+    return [f"{TABLE2_PREFIX}.{ext}" for ext in ("md", "csv", "tex")] + [f"{TABLE7_PREFIX}.{ext}" for ext in ("md", "csv")]

@@ -1,4 +1,4 @@
-# Tables from the finished runs. Table 2: clean accuracy, mean ± std over seeds, delta vs FreeLB.
+# Tables from the finished runs. Table 2: clean accuracy, mean ± std over seeds, delta vs FreeLB; Table 7: parameters.
 
 
 rule table2:
@@ -16,3 +16,19 @@ rule table2:
     localrule: True
     shell:
         "carlrar table2 --metrics {input.metrics:q} --out {params.prefix:q} > {log:q} 2>&1"
+
+
+rule table7:
+    input:
+        metrics=metrics_files(),
+        code=code_inputs(TABLE_CODE),
+    output:
+        md=f"{TABLE7_PREFIX}.md",
+        csv=f"{TABLE7_PREFIX}.csv",
+    params:
+        prefix=TABLE7_PREFIX,
+    log:
+        f"{LOGS}/table7/table7_params.log",
+    localrule: True
+    shell:
+        "carlrar table7 --metrics {input.metrics:q} --out {params.prefix:q} > {log:q} 2>&1"
