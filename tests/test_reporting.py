@@ -185,3 +185,61 @@ def test_table7_counts_parameters_per_method_and_dataset(tmp_path: Path) -> None
     bad.write_text(json.dumps({"dataset": "sst2", "method": "rar", "seed": 3, "params": 5}))
     with pytest.raises(CarlrarError, match="another seed of sst2/rar"):
         write_table7([*paths, bad], tmp_path / "t7b")
+
+
+def _summary(path: Path, dataset: str, method: str, seed: int, by_eps: dict[float, tuple[float, float, float]]) -> Path:
+    """An attack summary as 'carlrar attack' writes it: eps -> (attacked accuracy, cosine, euclidean)."""
+    path.write_text(json.dumps({
+        "dataset": dataset, "method": method, "seed": seed,
+        "epsilons": {f"{eps:g}": {"epsilon": eps, "clean_accuracy": 0.9, "attacked_accuracy": acc,
+                                  "attack_success_rate": (0.9 - acc) / 0.9, "mean_cosine": cos, "mean_euclidean": euc}
+                     for eps, (acc, cos, euc) in by_eps.items()},
+    }))
+    return path
+
+
+def test_tables_4_and_5_and_figures_from_attack_summaries(tmp_path: Path) -> None:
+    from carlrar.reporting import write_figures, write_table4, write_table5
+
+    values = {("freelb", 1): 0.70, ("freelb", 2): 0.74, ("carl", 1): 0.80, ("carl", 2): 0.78}
+    paths = [_summary(tmp_path / f"{m}{s}.json", "ag_news", m, s,
+                      {0.1: (acc, acc + 0.1, 5 - acc), 0.075: (acc + 0.05, acc + 0.15, 4 - acc)})
+             for (m, s), acc in values.items()]
+    table5 = write_table5(paths, tmp_path / "t5")
+    row = table5[(table5.method == "carl") & (table5.epsilon == 0.1)].iloc[0]
+    assert row["attacked_accuracy_mean"] == pytest.approx(79.0)
+    assert row["attacked_accuracy_std"] == pytest.approx(round(statistics.stdev([80.0, 78.0]), 2))
+    assert row["seeds"] == 2
+    assert table5["method"].tolist()[:2] == ["freelb", "freelb"]  # canonical method order
+    assert "79.00 ± 1.41" in (tmp_path / "t5.md").read_text()
+    table4 = write_table4(paths, tmp_path / "t4")
+    row = table4[(table4.method == "freelb") & (table4.epsilon == 0.075)].iloc[0]
+    assert row["mean_cosine_mean"] == pytest.approx(statistics.mean([0.85, 0.89]), abs=1e-3)
+    assert (tmp_path / "t4.tex").read_text().count(r"\begin{table}") == 2
+
+    metrics = []
+    for (m, s), acc in values.items():
+        path = tmp_path / f"metrics-{m}{s}.json"
+        path.write_text(json.dumps({"dataset": "ag_news", "method": m, "seed": s,
+                                    "history": [{"epoch": 1.0, "dev_accuracy": acc}, {"epoch": 2.0, "dev_accuracy": acc + 0.1}]}))
+        metrics.append(path)
+    written = write_figures(metrics, paths, tmp_path / "figures")
+    assert sorted(p.name for p in written) == sorted(
+        f"{n}.{e}" for n in ("robustness_vs_epsilon", "representation_distance", "learning_curves") for e in ("pdf", "png"))
+    with pytest.raises(CarlrarError, match="two attack summaries"):
+        write_table5([*paths, paths[0]], tmp_path / "dup")
+
+
+def test_table6_counts_and_examples(tmp_path: Path) -> None:
+    from carlrar.reporting import write_table6
+
+    example = {"original": "a fine film", "decoded": "a fined film", "gold": 1, "base_pred_original": 1,
+               "base_pred_decoded": 0, "fools_base": True}
+    path = tmp_path / "rar1.json"
+    path.write_text(json.dumps({"dataset": "sst2", "method": "rar", "seed": 1, "label_names": ["negative", "positive"],
+                                "n_examples": 10, "n_changed": 4, "n_fool_base": 1,
+                                "examples": [example, {**example, "fools_base": False}]}))
+    counts = write_table6([path], tmp_path / "t6")
+    assert counts[["examples", "changed", "fool_base"]].values.tolist() == [[10, 4, 1]]
+    markdown = (tmp_path / "t6.md").read_text()
+    assert "a fined film" in markdown and "negative" in markdown

@@ -57,7 +57,8 @@ def test_paper_config_plans_the_full_grid(raw_dir: Path, paper_config_path: Path
     datasets, methods, seeds = list(paper["datasets"]), paper["training"]["methods"], paper["training"]["seeds"]
     assert (len(datasets), len(methods), len(seeds)) == (4, 5, 3)
 
-    assert job_counts(output) == {"prepare": 4, "train": 60, "table2": 1, "table7": 1, "all": 1, "total": 67}
+    assert job_counts(output) == {"prepare": 4, "train": 60, "attack": 60, "samples": 6, "table2": 1, "table7": 1,
+                                  "robustness_tables": 1, "figures": 1, "all": 1, "total": 135}
     assert planned_wildcards(output, "prepare") == {(d,) for d in datasets}
     assert planned_wildcards(output, "train") == {(d, m, str(s)) for d in datasets for m in methods for s in seeds}
     assert "results/paper/tables/table2_accuracy.md" in output
@@ -69,7 +70,8 @@ def test_command_line_configfile_replaces_the_paper_config(raw_dir: Path) -> Non
     result = snakemake("-n", "--forceall", "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
-    assert job_counts(output) == {"prepare": 1, "train": 4, "table2": 1, "table7": 1, "all": 1, "total": 8}
+    assert job_counts(output) == {"prepare": 1, "train": 4, "attack": 4, "table2": 1, "table7": 1,
+                                  "robustness_tables": 1, "figures": 1, "all": 1, "total": 14}
     assert planned_wildcards(output, "train") == {("sst2", m, s) for m in ("base", "freelb") for s in ("1", "2")}
     assert "results/smoke/tables/table2_accuracy.csv" in output
 
@@ -147,6 +149,14 @@ def test_smoke_dag_runs_end_to_end(tmp_path: Path, raw_dir: Path) -> None:
     markdown = (results / "tables/table2_accuracy.md").read_text()
     assert "SST-2" in markdown and "Base (fine-tuning)" in markdown and "FreeLB" in markdown
     assert (results / "tables/table2_accuracy.tex").is_file()
+    for name in ("table4_representation", "table5_robustness"):
+        for ext in ("md", "csv", "tex"):
+            assert (results / "tables" / f"{name}.{ext}").stat().st_size > 0, name
+    robustness = pd.read_csv(results / "tables/table5_robustness.csv")
+    assert sorted(robustness["epsilon"].unique()) == [0.02, 0.075, 0.1]
+    for name in ("robustness_vs_epsilon", "representation_distance", "learning_curves"):
+        assert (results / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (results / "figures" / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
     params = pd.read_csv(results / "tables/table7_params.csv")
     assert params["method"].tolist() == ["base", "freelb"] and params["extra_vs_base"].tolist() == [0, 0]
 

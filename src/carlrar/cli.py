@@ -118,6 +118,23 @@ def _cmd_table7(args: argparse.Namespace) -> None:
     logging.info("Table 7 -> %s.{md,csv}", args.out)
 
 
+def _cmd_robustness_tables(args: argparse.Namespace) -> None:
+    from carlrar.reporting import write_table4, write_table5, write_table6
+
+    write_table4(args.summaries, args.out_dir / "table4_representation")
+    write_table5(args.summaries, args.out_dir / "table5_robustness")
+    if args.samples:
+        write_table6(args.samples, args.out_dir / "table6_samples")
+    logging.info("Tables 4, 5%s -> %s", " and 6" if args.samples else "", args.out_dir)
+
+
+def _cmd_figures(args: argparse.Namespace) -> None:
+    from carlrar.reporting import write_figures
+
+    for path in write_figures(args.metrics, args.summaries, args.out_dir):
+        logging.info("wrote %s", path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carlrar",
@@ -174,6 +191,29 @@ def build_parser() -> argparse.ArgumentParser:
     table7.add_argument("--metrics", required=True, nargs="+", type=Path, help="metrics.json files of finished runs")
     table7.add_argument("--out", required=True, type=Path, help="output prefix, e.g. results/paper/tables/table7_params")
     table7.set_defaults(run=_cmd_table7)
+
+    robustness = commands.add_parser(
+        "robustness-tables",
+        help="Tables 4, 5 and 6 from attack summaries and text-form samples",
+        description=(
+            "Write OUT_DIR/table4_representation, table5_robustness and (with --samples) table6_samples, each as "
+            ".md, .csv and .tex: mean ± standard deviation over seeds per dataset, method and epsilon."
+        ),
+    )
+    robustness.add_argument("--summaries", required=True, nargs="+", type=Path, help="summary.json files of 'carlrar attack'")
+    robustness.add_argument("--samples", nargs="*", type=Path, default=[], help="JSON reports of 'carlrar samples'")
+    robustness.add_argument("--out-dir", required=True, type=Path, help="tables folder, e.g. results/paper/tables")
+    robustness.set_defaults(run=_cmd_robustness_tables)
+
+    figures = commands.add_parser(
+        "figures",
+        help="figures: accuracy under attack vs epsilon, representation distance, dev learning curves",
+        description="Write PDF and PNG figures (seaborn) to OUT_DIR.",
+    )
+    figures.add_argument("--metrics", required=True, nargs="+", type=Path, help="metrics.json files of finished runs")
+    figures.add_argument("--summaries", required=True, nargs="+", type=Path, help="summary.json files of 'carlrar attack'")
+    figures.add_argument("--out-dir", required=True, type=Path, help="figures folder, e.g. results/paper/figures")
+    figures.set_defaults(run=_cmd_figures)
     _add_attack_parsers(commands)
     return parser
 

@@ -121,6 +121,7 @@ class Config:
     datasets: dict[str, DatasetConfig]
     model: dict[str, Any]
     training: dict[str, Any]
+    analysis: dict[str, Any]
     raw: dict[str, Any]
 
     def dataset(self, name: str) -> DatasetConfig:
@@ -152,6 +153,7 @@ def from_mapping(raw: dict[str, Any]) -> Config:
         datasets=datasets,
         model=raw["model"],
         training=raw["training"],
+        analysis=raw["analysis"],
         raw=raw,
     )
 

@@ -209,3 +209,230 @@ def write_table7(metrics_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
     write_text(out_prefix.with_name(f"{out_prefix.name}.csv"), frame.to_csv(index=False, lineterminator="\n"))
     write_text(out_prefix.with_name(f"{out_prefix.name}.md"), wide.to_markdown() + "\n\n" + note + "\n")
     return frame
+
+
+# --- robustness: Tables 4, 5 and 6 from attack summaries ----------------------------------------------------------
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path} is not valid JSON: {exc}") from None
+
+
+def attack_frame(summary_paths: list[Path]) -> pd.DataFrame:
+    """One row per (dataset, method, seed, epsilon) from ``carlrar attack`` summaries, accuracies in percent."""
+    rows = []
+    for path in map(Path, summary_paths):
+        summary = _read_json(path, "attack summary")
+        try:
+            for entry in summary["epsilons"].values():
+                rows.append({
+                    "dataset": summary["dataset"], "method": summary["method"], "seed": summary["seed"],
+                    "epsilon": float(entry["epsilon"]),
+                    "clean_accuracy": 100.0 * entry["clean_accuracy"],
+                    "attacked_accuracy": 100.0 * entry["attacked_accuracy"],
+                    "attack_success_rate": math.nan if entry["attack_success_rate"] is None
+                    else 100.0 * entry["attack_success_rate"],
+                    "mean_cosine": entry["mean_cosine"], "mean_euclidean": entry["mean_euclidean"],
+                })
+        except (KeyError, TypeError) as exc:
+            raise ReportError(f"{path}: not a 'carlrar attack' summary (missing {exc})") from None
+    if not rows:
+        raise ReportError("no attack summaries given")
+    frame = pd.DataFrame(rows)
+    duplicated = frame.duplicated(["dataset", "method", "seed", "epsilon"])
+    if duplicated.any():
+        first = frame[duplicated].iloc[0]
+        raise ReportError(f"two attack summaries for {first['dataset']}/{first['method']}/seed {first['seed']}")
+    return frame
+
+
+def _over_seeds(frame: pd.DataFrame, values: list[str], digits: int) -> pd.DataFrame:
+    """Mean and sample standard deviation over seeds of ``values`` per (dataset, method, epsilon)."""
+    grouped = frame.groupby(["dataset", "method", "epsilon"], sort=False)[values]
+    stats = grouped.agg(["mean", "std"]).round(digits)
+    stats.columns = [f"{value}_{stat}" for value, stat in stats.columns]
+    stats.insert(0, "seeds", grouped.size())
+    stats = stats.reset_index()
+    stats["dataset_rank"] = stats["dataset"].map({d: i for i, d in enumerate(DATASET_ORDER)}).fillna(len(DATASET_ORDER))
+    stats["method_rank"] = stats["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
+    stats = stats.sort_values(["dataset_rank", "method_rank", "dataset", "method", "epsilon"])
+    return stats.drop(columns=["dataset_rank", "method_rank"]).reset_index(drop=True)
+
+
+def _mean_std(mean: float, std: float, digits: int, pm: str) -> str:
+    if math.isnan(mean):
+        return ""
+    return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" {pm} {std:.{digits}f}")
+
+
+def _per_dataset_tables(stats: pd.DataFrame, value: str, digits: int, pm: str) -> dict[str, pd.DataFrame]:
+    """For each dataset: methods as rows, epsilons as columns, cells 'mean ± std'."""
+    tables = {}
+    for dataset, part in stats.groupby("dataset", sort=False):
+        cells = part.assign(cell=[_mean_std(m, s, digits, pm) for m, s in zip(part[f"{value}_mean"], part[f"{value}_std"])])
+        wide = cells.pivot(index="method", columns="epsilon", values="cell")
+        wide = wide.reindex(index=_order(part["method"].tolist(), METHOD_ORDER)).fillna("")
+        wide.index = [METHOD_NAMES.get(m, m) for m in wide.index]
+        wide.index.name = "Method"
+        wide.columns = [f"ε={eps:g}" for eps in wide.columns]
+        tables[dataset] = wide
+    return tables
+
+
+def _write_sectioned(out_prefix: Path, stats: pd.DataFrame, blocks: list[tuple[str, int, str]], note: str,
+                     caption: str, label: str) -> None:
+    """Write PREFIX.csv (long) and PREFIX.md / PREFIX.tex with one section per dataset and per value."""
+    markdown, latex = [], []
+    for value, digits, title in blocks:
+        md_tables = _per_dataset_tables(stats, value, digits, "±")
+        tex_tables = _per_dataset_tables(stats, value, digits, r"$\pm$")
+        for dataset, table in md_tables.items():
+            name = DATASET_NAMES.get(dataset, dataset)
+            markdown.append(f"### {name}: {title}\n\n{table.to_markdown()}\n")
+            tex = tex_tables[dataset]
+            tex.index.name = None
+            tex.columns = [c.replace("ε", r"$\epsilon$") for c in tex.columns]
+            latex.append(tex.rename(index=lambda n: n.replace("&", r"\&")).to_latex(
+                escape=False, column_format="l" + "c" * len(tex.columns),
+                caption=f"{caption} {name}: {title}.", label=f"{label}:{dataset}:{value}"))
+    out_prefix = Path(out_prefix)
+    write_text(out_prefix.with_name(f"{out_prefix.name}.csv"), stats.to_csv(index=False, lineterminator="\n"))
+    write_text(out_prefix.with_name(f"{out_prefix.name}.md"), "\n".join(markdown) + "\n" + note + "\n")
+    write_text(out_prefix.with_name(f"{out_prefix.name}.tex"), "\n".join(latex))
+
+
+def write_table5(summary_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
+    """Table 5: accuracy under k-PGD attack per epsilon (the paper's AG's News; here every attacked dataset)."""
+    stats = _over_seeds(attack_frame(summary_paths), ["clean_accuracy", "attacked_accuracy", "attack_success_rate"], 2)
+    note = ("Accuracy under attack = correct after attack / all examples; attack success rate = flipped / originally "
+            "correct (TextAttack's definitions), in %, mean ± sample standard deviation over seeds; l2 k-PGD on the "
+            "word embeddings of the evaluated split.")
+    _write_sectioned(out_prefix, stats, [("attacked_accuracy", 2, "accuracy under attack (%)"),
+                                         ("attack_success_rate", 2, "attack success rate (%)")],
+                     note, "Robustness under k-PGD,", "tab:robustness")
+    return stats
+
+
+def write_table4(summary_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
+    """Table 4: cosine similarity and Euclidean distance between clean and attacked sentence representations."""
+    stats = _over_seeds(attack_frame(summary_paths), ["mean_cosine", "mean_euclidean"], 3)
+    note = ("Mean over the evaluated split of the cosine similarity and the Euclidean distance between the sentence "
+            "representations R of the clean input and R_adv of its k-PGD attack with maximum norm ε; mean ± sample "
+            "standard deviation over seeds.")
+    _write_sectioned(out_prefix, stats, [("mean_cosine", 3, "cosine similarity"),
+                                         ("mean_euclidean", 3, "Euclidean distance")],
+                     note, "Representation distance,", "tab:representation")
+    return stats
+
+
+def write_table6(sample_paths: list[Path], out_prefix: Path, examples_per_run: int = 3) -> pd.DataFrame:
+    """Table 6: text-form adversarial samples decoded by RAR's reconstructor, counted per run, with examples."""
+    rows, examples = [], []
+    for path in map(Path, sample_paths):
+        report = _read_json(path, "samples report")
+        try:
+            rows.append({"dataset": report["dataset"], "method": report["method"], "seed": report["seed"],
+                         "examples": report["n_examples"], "changed": report["n_changed"],
+                         "fool_base": report["n_fool_base"]})
+            chosen = [e for e in report["examples"] if e["fools_base"]][:examples_per_run]
+        except (KeyError, TypeError) as exc:
+            raise ReportError(f"{path}: not a 'carlrar samples' report (missing {exc})") from None
+        label_names = report.get("label_names")
+        for e in chosen:
+            def name(label: int) -> str:
+                return label_names[label] if label_names else str(label)
+            examples.append({"method": METHOD_NAMES.get(report["method"], report["method"]), "seed": report["seed"],
+                             "original": e["original"], "base on original": name(e["base_pred_original"]),
+                             "decoded": e["decoded"], "base on decoded": name(e["base_pred_decoded"])})
+    if not rows:
+        raise ReportError("no samples reports given for Table 6")
+    counts = pd.DataFrame(rows).sort_values(["dataset", "method", "seed"]).reset_index(drop=True)
+    counts_md = counts.assign(method=counts["method"].map(lambda m: METHOD_NAMES.get(m, m)),
+                              dataset=counts["dataset"].map(lambda d: DATASET_NAMES.get(d, d)))
+    markdown = ("Decoded sentences that differ from the original (`changed`) and, of those, the ones the base model of "
+                "the same seed classifies correctly in the original but wrongly in the decoded form (`fool_base`).\n\n"
+                + counts_md.to_markdown(index=False) + "\n")
+    if examples:
+        markdown += "\n" + pd.DataFrame(examples).to_markdown(index=False) + "\n"
+    else:
+        markdown += "\nNo decoded sentence fooled the base model in these runs.\n"
+    latex = counts_md.to_latex(index=False, caption="Text-form adversarial samples from RAR's reconstructor.",
+                               label="tab:samples")
+    out_prefix = Path(out_prefix)
+    write_text(out_prefix.with_name(f"{out_prefix.name}.csv"), counts.to_csv(index=False, lineterminator="\n"))
+    write_text(out_prefix.with_name(f"{out_prefix.name}.md"), markdown)
+    write_text(out_prefix.with_name(f"{out_prefix.name}.tex"), latex)
+    return counts
+
+
+# --- figures ---------------------------------------------------------------------------------------------------
+
+
+def _save_figure(grid: Any, out_dir: Path, name: str) -> list[Path]:
+    """Save a seaborn grid as PDF and PNG, each atomically."""
+    from carlrar.storage import atomic_path
+
+    paths = []
+    for ext in ("pdf", "png"):
+        path = out_dir / f"{name}.{ext}"
+        with atomic_path(path) as tmp:
+            grid.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def write_figures(metrics_paths: list[Path], summary_paths: list[Path], out_dir: Path) -> list[Path]:
+    """Accuracy under attack against epsilon, representation distance, and dev-accuracy learning curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    names = {"method": lambda m: METHOD_NAMES.get(m, m), "dataset": lambda d: DATASET_NAMES.get(d, d)}
+
+    attacks = attack_frame(summary_paths)
+    clean = attacks.groupby(["dataset", "method", "seed"], as_index=False)["clean_accuracy"].first()
+    curve = pd.concat([clean.rename(columns={"clean_accuracy": "accuracy"}).assign(epsilon=0.0),
+                       attacks.rename(columns={"attacked_accuracy": "accuracy"})[["dataset", "method", "seed", "epsilon", "accuracy"]]])
+    curve = curve.drop_duplicates(["dataset", "method", "seed", "epsilon"]).assign(**{k: curve[k].map(f) for k, f in names.items()})
+    hue_order = [METHOD_NAMES.get(m, m) for m in _order(attacks["method"].tolist(), METHOD_ORDER)]
+    grid = sns.relplot(data=curve, x="epsilon", y="accuracy", hue="method", hue_order=hue_order, col="dataset",
+                       kind="line", marker="o", errorbar="sd", height=3, aspect=1.2, facet_kws={"sharey": False})
+    grid.set_axis_labels("ε (l2 radius of k-PGD)", "accuracy under attack (%)")
+    written += _save_figure(grid, out_dir, "robustness_vs_epsilon")
+    plt.close(grid.figure)
+
+    distances = attacks.melt(id_vars=["dataset", "method", "seed", "epsilon"], value_vars=["mean_cosine", "mean_euclidean"],
+                             var_name="measure", value_name="value")
+    distances["measure"] = distances["measure"].map({"mean_cosine": "cosine similarity", "mean_euclidean": "Euclidean distance"})
+    distances = distances.assign(**{k: distances[k].map(f) for k, f in names.items()})
+    grid = sns.catplot(data=distances, x="method", y="value", hue="epsilon", order=hue_order, row="measure",
+                       col="dataset", kind="bar", errorbar="sd", height=2.8, aspect=1.3, sharey=False)
+    grid.set_axis_labels("", "")
+    grid.set_titles("{row_name} | {col_name}")
+    written += _save_figure(grid, out_dir, "representation_distance")
+    plt.close(grid.figure)
+
+    history = []
+    for path in map(Path, metrics_paths):
+        m = _read_json(path, "metrics file")
+        history += [{"dataset": m["dataset"], "method": m["method"], "seed": m["seed"], "epoch": h["epoch"],
+                     "dev accuracy (%)": 100.0 * h["dev_accuracy"]} for h in m.get("history", [])]
+    if history:
+        frame = pd.DataFrame(history)
+        frame = frame.assign(**{k: frame[k].map(f) for k, f in names.items()})
+        grid = sns.relplot(data=frame, x="epoch", y="dev accuracy (%)", hue="method", hue_order=hue_order,
+                           col="dataset", kind="line", errorbar="sd", height=3, aspect=1.2,
+                           facet_kws={"sharey": False, "sharex": False})
+        written += _save_figure(grid, out_dir, "learning_curves")
+        plt.close(grid.figure)
+    return written

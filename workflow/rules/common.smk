@@ -106,6 +106,7 @@ TRAIN_CODE = [*DATA_CODE, "models.py", "adversary.py", "training.py", "devices.p
 METHOD_CODE = {"carl": ["contrastive.py"], "rar": ["reconstruction.py"],
                "carl_rar": ["contrastive.py", "reconstruction.py"]}
 TABLE_CODE = ["reporting.py"]
+ATTACK_CODE = ["attacks.py", "training.py", "models.py", "reconstruction.py", "data.py"]
 
 
 def code_inputs(names):
@@ -134,8 +135,33 @@ TABLE2_PREFIX = f"{RESULTS}/tables/table2_accuracy"
 
 
 TABLE7_PREFIX = f"{RESULTS}/tables/table7_params"
+TABLES = f"{RESULTS}/tables"
+FIGURES = f"{RESULTS}/figures"
+ROBUSTNESS_TABLES = ["table4_representation", "table5_robustness"]
+FIGURE_NAMES = ["robustness_vs_epsilon", "representation_distance", "learning_curves"]
+
+
+def attack_summaries():
+    return [f"{RESULTS}/attacks/{d}/{m}/seed{s}/summary.json" for d in DATASETS for m in METHODS for s in SEEDS]
+
+
+def sample_reports():
+    """Table 6 inputs: the rar / carl_rar runs of analysis.samples_dataset, when base runs exist to judge them."""
+    dataset = config["analysis"]["samples_dataset"]
+    if dataset not in DATASETS or "base" not in METHODS:
+        return []
+    return [f"{RESULTS}/samples/{dataset}/{m}/seed{s}.json" for m in METHODS if m in ("rar", "carl_rar") for s in SEEDS]
+
+
+if sample_reports():
+    ROBUSTNESS_TABLES.append("table6_samples")
 
 
 def table_files():
-    """Every table the runs feed: Table 2 (md, csv, tex) and Table 7 (md, csv)."""
-    return [f"{TABLE2_PREFIX}.{ext}" for ext in ("md", "csv", "tex")] + [f"{TABLE7_PREFIX}.{ext}" for ext in ("md", "csv")]
+    """Every table and figure of the run: Tables 2 and 7 from the training runs, 4-6 and figures from attacks."""
+    return (
+        [f"{TABLE2_PREFIX}.{ext}" for ext in ("md", "csv", "tex")]
+        + [f"{TABLE7_PREFIX}.{ext}" for ext in ("md", "csv")]
+        + [f"{TABLES}/{name}.{ext}" for name in ROBUSTNESS_TABLES for ext in ("md", "csv", "tex")]
+        + [f"{FIGURES}/{name}.{ext}" for name in FIGURE_NAMES for ext in ("pdf", "png")]
+    )

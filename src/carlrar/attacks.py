@@ -1,0 +1,445 @@
+"""k-PGD on the word embeddings at evaluation time (SPEC 7; paper 4.5, Tables 4-6).
+
+The attack perturbs the raw word-embedding lookup (``model.embed``) that FreeLB perturbs during training, with
+the model in eval mode and its parameters frozen: gradients are taken with ``torch.autograd.grad`` w.r.t. the
+perturbation only, so no parameter's ``.grad`` is ever written. Per example: a random start uniform inside the
+l2 ball of radius epsilon (over the whole sentence, zero on padding), then k steps
+``delta += alpha * g / ||g||`` of the untargeted cross-entropy on the gold label, each followed by the
+projection onto the ball and the padding mask. The attacked prediction is the one at the final iterate.
+
+Three uses:
+
+* :func:`attack_split` -- accuracy under attack and attack success rate (Table 5, TextAttack's definitions)
+  and the cosine / Euclidean distance between clean and attacked sentence representations (Table 4);
+* :func:`text_samples` -- RAR's reconstructor turns attacked token states into text; the decoded sentences
+  that differ from the original and fool the base model are text-form adversarial samples (Table 6);
+* :func:`pgd_attack` -- one batch, for tests and custom analyses.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from carlrar.adversary import Batch, autocast_context
+from carlrar.data import read_manifest
+from carlrar.devices import select_device
+from carlrar.errors import CarlrarError
+from carlrar.models import TextClassifier
+from carlrar.reconstruction import decode_argmax
+from carlrar.storage import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+GRAD_NORM_FLOOR = 1e-12  # guards g / ||g|| where the loss is flat in delta (e.g. a saturated softmax)
+DEFAULT_EPSILONS = (0.02, 0.075, 0.1)  # Table 5
+DEFAULT_STEPS = 10
+DEFAULT_STEP_SIZE_RATIO = 0.25  # alpha = epsilon / 4 (SPEC 7)
+
+
+@dataclass
+class AttackResult:
+    """What one batch's attack gives, per example (all tensors on the model's device).
+
+    Attributes:
+        labels: gold labels [B].
+        clean_pred / attacked_pred: argmax predictions without / with the perturbation [B].
+        perturbation_norm: l2 norm of delta over the whole sentence [B] (fp32, <= epsilon).
+        cosine / euclidean: between clean and attacked sentence representations R and R_adv [B] (fp32).
+        delta: the final perturbation of the raw word embeddings [B, L, E] (fp32, zero on padding).
+        attacked_tokens: token states [B, L, H] at the final perturbation, when asked (RAR's reconstructor input).
+    """
+
+    labels: Tensor
+    clean_pred: Tensor
+    attacked_pred: Tensor
+    perturbation_norm: Tensor
+    cosine: Tensor
+    euclidean: Tensor
+    delta: Tensor
+    attacked_tokens: Tensor | None = None
+
+
+def _norm(x: Tensor) -> Tensor:
+    """Per-example l2 norm over everything but the batch dimension, fp32, shaped [B, 1, 1]."""
+    return x.reshape(x.size(0), -1).float().norm(dim=1).view(-1, 1, 1)
+
+
+def _project(delta: Tensor, epsilon: float, mask: Tensor) -> Tensor:
+    """Onto the l2 ball of radius epsilon per example, then zero on padding."""
+    norm = _norm(delta)
+    scale = torch.where(norm > epsilon, epsilon / norm.clamp_min(GRAD_NORM_FLOOR), torch.ones_like(norm))
+    return delta * scale * mask
+
+
+def random_start(
+    shape: torch.Size | tuple[int, ...], attention_mask: Tensor, epsilon: float, generator: torch.Generator
+) -> Tensor:
+    """Uniform in the l2 ball of radius epsilon over each example's real positions (fp32, zero on padding).
+
+    Direction: a masked Gaussian, normalised; radius: epsilon * u ** (1 / d) with d the example's number of real
+    dimensions. Noise is drawn on the generator's device (the CPU by default) so that a seed gives the same start
+    on every device; scaling epsilon with the same seed scales the same start.
+    """
+    mask = attention_mask.unsqueeze(-1).float()
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    u = torch.rand(shape[0], generator=generator, device=generator.device, dtype=torch.float32)
+    noise, u = noise.to(mask.device), u.to(mask.device)
+    noise = noise * mask
+    dims = (mask.sum(dim=(1, 2)) * shape[-1]).clamp_min(1)
+    radius = epsilon * u.pow(1.0 / dims)
+    return noise / _norm(noise).clamp_min(GRAD_NORM_FLOOR) * radius.view(-1, 1, 1)
+
+
+def pgd_attack(
+    model: TextClassifier,
+    batch: Batch,
+    epsilon: float,
+    steps: int = DEFAULT_STEPS,
+    step_size: float | None = None,
+    generator: torch.Generator | None = None,
+    return_tokens: bool = False,
+    amp_dtype: torch.dtype | None = None,
+) -> AttackResult:
+    """Batched k-PGD (l2, per example) on the raw word embeddings; the model's parameters are never touched.
+
+    Args:
+        model: the classifier; it is run in eval mode (its previous mode is restored afterwards).
+        batch: a padded batch on the model's device; ``labels`` are the gold labels the attack moves away from.
+        epsilon: radius of the l2 ball per example (whole sentence). 0 gives exactly the clean predictions.
+        steps: k, the number of gradient steps (0: the random start only).
+        step_size: alpha; default epsilon / 4.
+        generator: for the random start (a CPU generator seeded 0 when None). Reuse one across batches, or
+            re-seed it, to make a comparison between settings fair.
+        return_tokens: also return the attacked token states (for RAR's reconstructor).
+        amp_dtype: autocast dtype for the forward passes (bf16 on CUDA); ignored on the CPU.
+    """
+    if epsilon < 0 or steps < 0:
+        raise ValueError(f"epsilon and steps must be >= 0 (got {epsilon}, {steps})")
+    alpha = epsilon / 4 if step_size is None else step_size
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    device = batch.input_ids.device
+    mask = batch.attention_mask.unsqueeze(-1).float()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            embeds = model.embed(batch.input_ids).detach()
+            with autocast_context(device, amp_dtype):
+                clean = model(inputs_embeds=embeds, attention_mask=batch.attention_mask)
+        if epsilon == 0:
+            # No perturbation is possible: the attacked pass IS the clean pass (bit for bit, on every device).
+            delta = torch.zeros(embeds.shape, dtype=torch.float32, device=device)
+            attacked = clean
+        else:
+            delta = random_start(embeds.shape, batch.attention_mask, epsilon, generator)
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                with torch.enable_grad():
+                    with autocast_context(device, amp_dtype):
+                        logits = model(inputs_embeds=embeds + delta, attention_mask=batch.attention_mask).logits
+                    # Summed, not averaged: each example's gradient is its own loss's gradient, whatever B is.
+                    loss = F.cross_entropy(logits.float(), batch.labels, reduction="sum")
+                    (grad,) = torch.autograd.grad(loss, delta)
+                with torch.no_grad():
+                    grad = grad.float() * mask
+                    delta = delta.detach() + alpha * grad / _norm(grad).clamp_min(GRAD_NORM_FLOOR)
+                    delta = _project(delta, epsilon, mask)
+            delta = delta.detach()
+            with torch.no_grad(), autocast_context(device, amp_dtype):
+                attacked = model(inputs_embeds=embeds + delta, attention_mask=batch.attention_mask)
+    finally:
+        model.train(was_training)
+    r, r_adv = clean.sentence.detach().float(), attacked.sentence.detach().float()
+    return AttackResult(
+        labels=batch.labels,
+        clean_pred=clean.logits.argmax(dim=-1),
+        attacked_pred=attacked.logits.argmax(dim=-1),
+        perturbation_norm=_norm(delta).view(-1),
+        cosine=F.cosine_similarity(r, r_adv, dim=-1),
+        euclidean=(r - r_adv).norm(dim=-1),
+        delta=delta,
+        attacked_tokens=attacked.tokens.detach() if return_tokens else None,
+    )
+
+
+# --- whole splits -------------------------------------------------------------------------------------------
+
+
+def _eps_name(epsilon: float) -> str:
+    return f"{epsilon:g}"
+
+
+def records_path(out_dir: str | Path, epsilon: float) -> Path:
+    """Where :func:`attack_split` writes one epsilon's per-example records."""
+    return Path(out_dir) / f"records_eps{_eps_name(epsilon)}.parquet"
+
+
+def _max_length(metrics: dict[str, Any], manifest: dict[str, Any]) -> int:
+    """The length the run was trained with (its config), else the one the data was prepared for."""
+    length = (metrics.get("config") or {}).get("data", {}).get("max_length") or manifest.get("max_length")
+    if not length:
+        raise CarlrarError("neither the run's metrics.json nor the data manifest records max_length")
+    return int(length)
+
+
+def _check_data(metrics: dict[str, Any], manifest: dict[str, Any], data_dir: Path, split: str) -> None:
+    if metrics.get("dataset") and manifest.get("dataset") and metrics["dataset"] != manifest["dataset"]:
+        raise CarlrarError(f"the run was trained on {metrics['dataset']} but {data_dir} holds {manifest['dataset']}")
+    trained = (metrics.get("data") or {}).get("splits", {}).get(split)
+    prepared = manifest["splits"].get(split, {}).get("sha256")
+    if trained and prepared and trained != prepared:
+        log.warning("%s/%s.parquet differs from the %s split the run was evaluated on (sha256 mismatch)",
+                    data_dir, split, split)
+
+
+def summarize(records: pd.DataFrame) -> dict[str, Any]:
+    """Table 4/5 figures from per-example records (TextAttack's definitions for accuracy and success rate).
+
+    attacked_accuracy = correct after attack / all; attack_success_rate = flipped / originally correct, where
+    flipped means correct before and wrong after the attack (None when nothing was correct).
+    """
+    n = len(records)
+    clean_ok = records["clean_pred"] == records["gold"]
+    attacked_ok = records["attacked_pred"] == records["gold"]
+    originally = int(clean_ok.sum())
+    flipped = int((clean_ok & ~attacked_ok).sum())
+    return {
+        "n": n,
+        "clean_accuracy": originally / n if n else None,
+        "attacked_accuracy": int(attacked_ok.sum()) / n if n else None,
+        "attack_success_rate": flipped / originally if originally else None,  # None: nothing to flip
+        "originally_correct": originally,
+        "flipped": flipped,
+        "mean_cosine": float(records["cosine"].mean()) if n else None,
+        "mean_euclidean": float(records["euclidean"].mean()) if n else None,
+        "mean_perturbation_norm": float(records["perturbation_norm"].mean()) if n else None,
+    }
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def attack_split(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    epsilons: tuple[float, ...] | list[float] = DEFAULT_EPSILONS,
+    steps: int = DEFAULT_STEPS,
+    step_size_ratio: float = DEFAULT_STEP_SIZE_RATIO,
+    batch_size: int = 64,
+    device: str = "auto",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Attack a trained run on its dataset's evaluated split at each epsilon; write records and a summary.
+
+    Writes ``out_dir/records_eps{eps}.parquet`` (row, gold, clean_pred, attacked_pred, perturbation_norm, cosine,
+    euclidean) per epsilon and then ``out_dir/summary.json``, each atomically. Every epsilon starts from the same
+    random directions (the generator is re-seeded with ``seed``), scaled to its own radius. Returns the summary.
+    """
+    if not epsilons:
+        raise CarlrarError("give at least one epsilon")
+    if any(e < 0 for e in epsilons) or steps < 0 or step_size_ratio <= 0 or batch_size < 1:
+        raise CarlrarError("epsilons and steps must be >= 0, step_size_ratio > 0 and batch_size >= 1")
+    from carlrar.training import batches, encode_split, load_trained_run
+
+    run_dir, data_dir, out_dir = Path(run_dir), Path(data_dir), Path(out_dir)
+    manifest = read_manifest(data_dir)
+    split = manifest["evaluation_split"]
+    dev, lease = select_device(device)
+    try:
+        run = load_trained_run(run_dir, dev)
+        _check_data(run.metrics, manifest, data_dir, split)
+        amp_dtype = torch.bfloat16 if dev.type == "cuda" else None
+        tokenizer = run.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        encoded = encode_split(data_dir / f"{split}.parquet", tokenizer, _max_length(run.metrics, manifest))
+        if len(encoded) == 0:
+            raise CarlrarError(f"{data_dir}/{split}.parquet has no rows to attack")
+        summary: dict[str, Any] = {
+            "dataset": run.metrics.get("dataset", manifest.get("dataset")),
+            "method": run.metrics.get("method"),
+            "seed": run.metrics.get("seed"),
+            "run_dir": str(run_dir),
+            "data_dir": str(data_dir),
+            "split": split,
+            "attack": {"name": "k-PGD", "norm": "l2", "space": "raw word embeddings", "steps": steps,
+                       "step_size_ratio": step_size_ratio, "random_start": "uniform in the l2 ball",
+                       "loss": "cross-entropy on the gold label (untargeted)", "seed": seed,
+                       "batch_size": batch_size, "device": str(dev),
+                       "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else None},
+            "epsilons": {},
+        }
+        rows = torch.arange(len(encoded))
+        for epsilon in epsilons:
+            generator = torch.Generator().manual_seed(seed)
+            parts: list[dict[str, Any]] = []
+            bar = tqdm(total=len(encoded), desc=f"k-PGD eps={_eps_name(epsilon)}", unit="ex", dynamic_ncols=True,
+                       disable=None)
+            for batch in batches(encoded, rows, batch_size, pad_id):
+                batch = batch.to(dev)
+                result = pgd_attack(run.model, batch, epsilon, steps, step_size_ratio * epsilon, generator,
+                                    amp_dtype=amp_dtype)
+                parts.append({
+                    "row": batch.indices.cpu(), "gold": result.labels.cpu(), "clean_pred": result.clean_pred.cpu(),
+                    "attacked_pred": result.attacked_pred.cpu(), "perturbation_norm": result.perturbation_norm.cpu(),
+                    "cosine": result.cosine.cpu(), "euclidean": result.euclidean.cpu(),
+                })
+                bar.update(len(batch.labels))
+            bar.close()
+            records = pd.DataFrame({key: torch.cat([p[key] for p in parts]).numpy() for key in parts[0]})
+            _write_parquet(records, records_path(out_dir, epsilon))
+            entry = {"epsilon": epsilon, "step_size": step_size_ratio * epsilon, **summarize(records),
+                     "records": records_path(out_dir, epsilon).name}
+            summary["epsilons"][_eps_name(epsilon)] = entry
+            log.info("eps=%s: accuracy %.4f -> %.4f under attack (success rate %.4f), cosine %.4f, euclidean %.4f",
+                     _eps_name(epsilon), entry["clean_accuracy"], entry["attacked_accuracy"],
+                     _nan(entry["attack_success_rate"]), entry["mean_cosine"], entry["mean_euclidean"])
+        write_json(out_dir / "summary.json", summary)
+        return summary
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+# --- text-form adversarial samples (Table 6) ----------------------------------------------------------------
+
+
+@torch.no_grad()
+def _predict_texts(run: Any, texts: list[str], max_length: int, batch_size: int, device: torch.device,
+                   amp_dtype: torch.dtype | None) -> Tensor:
+    tokenizer = run.tokenizer
+    predictions = []
+    for first in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[first : first + batch_size], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")
+        with autocast_context(device, amp_dtype):
+            logits = run.model(input_ids=enc["input_ids"].to(device),
+                               attention_mask=enc["attention_mask"].to(device)).logits
+        predictions.append(logits.argmax(-1).cpu())
+    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+
+
+def text_samples(
+    rar_run_dir: str | Path,
+    base_run_dir: str | Path,
+    data_dir: str | Path,
+    out_path: str | Path,
+    epsilon: float = 0.1,
+    steps: int = DEFAULT_STEPS,
+    step_size_ratio: float = DEFAULT_STEP_SIZE_RATIO,
+    batch_size: int = 64,
+    device: str = "auto",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Text-form adversarial samples (Table 6) from a RAR / CARL+RAR run, judged by the base run.
+
+    Attacks the RAR model with k-PGD on the evaluated split, decodes its reconstructor's argmax tokens at the
+    attacked token states, and keeps the examples whose decoded text differs from the original (both decoded
+    the same way, ``skip_special_tokens=True``, so tokenisation normalisation is no difference). For each, the
+    base run classifies the original text and the decoded text (re-tokenised with the base run's tokenizer);
+    ``fools_base`` is true when the original is right and the decoded text wrong. Writes ``out_path`` (JSON)
+    atomically and returns it.
+    """
+    if epsilon < 0 or steps < 0 or step_size_ratio <= 0 or batch_size < 1:
+        raise CarlrarError("epsilon and steps must be >= 0, step_size_ratio > 0 and batch_size >= 1")
+    from carlrar.training import batches, encode_split, load_trained_run
+
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    split = manifest["evaluation_split"]
+    dev, lease = select_device(device)
+    try:
+        rar = load_trained_run(rar_run_dir, dev)
+        if rar.reconstructor is None:
+            raise CarlrarError(f"{rar_run_dir} has no reconstructor: give a 'rar' or 'carl_rar' run")
+        base = load_trained_run(base_run_dir, dev)
+        _check_data(rar.metrics, manifest, data_dir, split)
+        _check_data(base.metrics, manifest, data_dir, split)
+        if rar.metrics.get("seed") != base.metrics.get("seed"):
+            log.warning("the RAR run has seed %s but the base run seed %s", rar.metrics.get("seed"),
+                        base.metrics.get("seed"))
+        amp_dtype = torch.bfloat16 if dev.type == "cuda" else None
+        tokenizer = rar.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        frame = pd.read_parquet(data_dir / f"{split}.parquet")
+        encoded = encode_split(data_dir / f"{split}.parquet", tokenizer, _max_length(rar.metrics, manifest))
+        generator = torch.Generator().manual_seed(seed)
+        originals: list[str] = []
+        decoded: list[str] = []
+        rar_clean: list[Tensor] = []
+        rar_attacked: list[Tensor] = []
+        for batch in tqdm(list(batches(encoded, torch.arange(len(encoded)), batch_size, pad_id)),
+                          desc=f"k-PGD + reconstruction eps={_eps_name(epsilon)}", unit="batch", disable=None):
+            batch = batch.to(dev)
+            result = pgd_attack(rar.model, batch, epsilon, steps, step_size_ratio * epsilon, generator,
+                                return_tokens=True, amp_dtype=amp_dtype)
+            with torch.no_grad(), autocast_context(dev, amp_dtype):
+                logits = rar.reconstructor(result.attacked_tokens)
+            decoded += decode_argmax(logits.float(), batch.attention_mask, tokenizer)
+            originals += [tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
+                          for row, m in zip(batch.input_ids, batch.attention_mask.bool())]
+            rar_clean.append(result.clean_pred.cpu())
+            rar_attacked.append(result.attacked_pred.cpu())
+        changed = [i for i, (a, b) in enumerate(zip(originals, decoded)) if a != b]
+        texts = [str(t) for t in frame["text"]]
+        base_length = _max_length(base.metrics, manifest)
+        base_original = _predict_texts(base, [texts[i] for i in changed], base_length, batch_size, dev, amp_dtype)
+        base_decoded = _predict_texts(base, [decoded[i] for i in changed], base_length, batch_size, dev, amp_dtype)
+        clean_pred = torch.cat(rar_clean) if rar_clean else torch.empty(0, dtype=torch.long)
+        attacked_pred = torch.cat(rar_attacked) if rar_attacked else torch.empty(0, dtype=torch.long)
+        examples = []
+        for k, i in enumerate(changed):
+            gold = int(encoded.labels[i])
+            po, pd_ = int(base_original[k]), int(base_decoded[k])
+            examples.append({
+                "row": i, "original": texts[i], "original_decoded": originals[i], "decoded": decoded[i],
+                "gold": gold, "base_pred_original": po, "base_pred_decoded": pd_,
+                "fools_base": po == gold and pd_ != gold,
+                "rar_pred_clean": int(clean_pred[i]), "rar_pred_attacked": int(attacked_pred[i]),
+            })
+        report = {
+            "dataset": rar.metrics.get("dataset", manifest.get("dataset")), "split": split,
+            "method": rar.metrics.get("method"), "seed": rar.metrics.get("seed"),
+            "rar_run": {"dir": str(rar_run_dir), "method": rar.metrics.get("method"), "seed": rar.metrics.get("seed")},
+            "base_run": {"dir": str(base_run_dir), "method": base.metrics.get("method"),
+                         "seed": base.metrics.get("seed")},
+            "label_names": manifest.get("label_names"),
+            "attack": {"name": "k-PGD", "norm": "l2", "epsilon": epsilon, "steps": steps,
+                       "step_size": step_size_ratio * epsilon, "seed": seed, "device": str(dev)},
+            "n_examples": len(encoded), "n_changed": len(changed),
+            "n_fool_base": sum(e["fools_base"] for e in examples),
+            "examples": examples,
+        }
+        write_json(out_path, report)
+        return report
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+__all__ = [
+    "AttackResult",
+    "DEFAULT_EPSILONS",
+    "attack_split",
+    "pgd_attack",
+    "random_start",
+    "records_path",
+    "summarize",
+    "text_samples",
+]
