@@ -269,3 +269,13 @@ def test_real_yelp_and_yahoo_pieces_parse(raw_dir: Path) -> None:
     yahoo = read_file(raw_dir / "yahoo_answers/sample_10class.csv", DATASETS["yahoo_answers"])
     assert len(yahoo.labels) == 1000 and set(yahoo.labels) == set(range(10))
     assert yahoo.source["format"] == "label-text-csv"
+
+
+def test_file_list_takes_the_first_existing_and_falls_back_to_the_hub(tmp_path: Path, raw: Path) -> None:
+    (raw / "ag_news/train.csv").rename(raw / "ag_news/train_partial.csv")
+    datasets = {"ag_news": {**SMALL["ag_news"], "files": {"train": ["train.csv", "train_partial.csv"]}}}
+    manifest = prepare_dataset(load_config(config(tmp_path, datasets)), "ag_news", raw, tmp_path / "o")
+    assert manifest["sources"]["train"]["file"] == "ag_news/train_partial.csv"
+    (raw / "ag_news/train_partial.csv").unlink()
+    with pytest.raises(DataError, match=r"looked for .*train.csv or .*train_partial.csv.*HF_HUB_OFFLINE"):
+        prepare_dataset(load_config(config(tmp_path, datasets)), "ag_news", raw, tmp_path / "p")

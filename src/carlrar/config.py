@@ -99,7 +99,7 @@ class DatasetConfig:
     per_class: dict[str, Size]
     dev_source: Literal["train", "official"] = "train"
     evaluate: Literal["dev", "test"] = "test"
-    files: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str | list[str]] = field(default_factory=dict)
     batch_size: int = 32
     freelb: FreeLBConfig = field(default_factory=FreeLBConfig)
     carl: CarlScheduleConfig = field(default_factory=CarlScheduleConfig)

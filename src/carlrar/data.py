@@ -1,7 +1,7 @@
 """The paper's dataset splits (Table 9): read the official files, sample stratified and deterministic splits.
 
 Sources are tried in this order for each split: the file in ``<raw_dir>/<dataset>/`` (the official name, or
-the one the config's ``files`` gives; its format is recognised from its first line: GLUE TSV, a plain
+the ones the config's ``files`` gives, first existing wins; its format is recognised from its first line: GLUE TSV, a plain
 ``label,text`` CSV, or the Zhang et al. 2015 CSV), then the Hugging Face hub. The sample is a function of the
 data seed and the source rows only: every method and training seed sees identical splits.
 """
@@ -188,15 +188,22 @@ def read_hub(spec: DatasetSpec, split: str) -> RawSplit:
 
 
 def load_source(raw_dir: Path, spec: DatasetSpec, ds: DatasetConfig, split: str) -> RawSplit:
-    """Local file first, then the hub; offline with neither, one error that says what to put where."""
-    name = ds.files.get(split) or spec.official_files[split]
-    path = raw_dir / spec.name / name
-    if path.is_file():
-        return read_file(path, spec)
-    if ds.files.get(split):
-        raise DataError(f"{path} not found (named by config key datasets.{spec.name}.files.{split})")
+    """The first local file that exists, then the hub; offline with neither, one error saying what to put where.
+
+    The config's ``files`` may name one file or a list tried in order (e.g. the official ``train.csv``, then a
+    partial copy). Without the official name among them, no hub download is attempted.
+    """
+    configured = ds.files.get(split)
+    names = [configured] if isinstance(configured, str) else list(configured or [spec.official_files[split]])
+    paths = [raw_dir / spec.name / name for name in names]
+    for path in paths:
+        if path.is_file():
+            return read_file(path, spec)
+    looked = " or ".join(str(p) for p in paths)
+    if spec.official_files[split] not in names:
+        raise DataError(f"{looked} not found (named by config key datasets.{spec.name}.files.{split})")
     advice = (
-        f"no local {spec.name} {split} data: looked for {path}. Put the official file there "
+        f"no local {spec.name} {split} data: looked for {looked}. Put the official file there "
         f"(or a CSV with header 'label,text' and set datasets.{spec.name}.files.{split} to its name), "
         f"or allow hub access to download {spec.hub_path}"
     )
