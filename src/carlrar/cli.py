@@ -28,6 +28,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     result = train(load_config(args.config, args.set), args.dataset, args.method, args.seed, args.data, args.out, args.device)
     m = result.metrics
+    if not m:  # a non-zero rank of a torchrun job: rank 0 reports
+        return
     test = "n/a" if m["test_accuracy"] is None else f"{m['test_accuracy']:.4f}"
     logging.info("%s/%s/seed%d: dev %.4f, test %s, %d steps in %.0f s -> %s",
                  args.dataset, args.method, args.seed, m["dev_accuracy"], test, m["steps"], m["train_seconds"], args.out)
@@ -135,6 +137,16 @@ def _cmd_figures(args: argparse.Namespace) -> None:
         logging.info("wrote %s", path)
 
 
+def _cmd_hpsearch_select(args: argparse.Namespace) -> None:
+    from carlrar.hpsearch import write_selection
+
+    frame = write_selection(args.metrics, args.out_dir)
+    for row in frame[frame["rank"] == 1].itertuples():
+        logging.info("%s: best of %d trials is %s, dev accuracy %.2f %%", row.dataset,
+                     int((frame["dataset"] == row.dataset).sum()), row.trial, row.dev_accuracy)
+    logging.info("<dataset>/best.yaml, freelb_best.yaml and trials.{md,csv} -> %s", args.out_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carlrar",
@@ -218,6 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--summaries", required=True, nargs="+", type=Path, help="summary.json files of 'carlrar attack'")
     figures.add_argument("--out-dir", required=True, type=Path, help="figures folder, e.g. results/paper/figures")
     figures.set_defaults(run=_cmd_figures)
+
+    hpsearch = commands.add_parser(
+        "hpsearch-select",
+        help="choose FreeLB's hyperparameters per dataset from grid-search runs (paper A.2, Table 8)",
+        description=(
+            "Average each trial's dev accuracy over its seeds (the trial's values are read from the config recorded "
+            "in metrics.json), rank the trials of each dataset (ties: fewer adv_steps, then smaller init_mag, "
+            "adv_lr, adv_max_norm) and write OUT_DIR/<dataset>/best.yaml and OUT_DIR/freelb_best.yaml "
+            "('datasets: {<dataset>: {freelb: {...}}}', to merge into a config) and OUT_DIR/trials.{md,csv}."
+        ),
+    )
+    hpsearch.add_argument("--metrics", required=True, nargs="+", type=Path,
+                          help="metrics.json files of the trials' 'carlrar train' runs")
+    hpsearch.add_argument("--out-dir", required=True, type=Path, help="output folder, e.g. results/paper/hpsearch")
+    hpsearch.set_defaults(run=_cmd_hpsearch_select)
     _add_attack_parsers(commands)
     return parser
 

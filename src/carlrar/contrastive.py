@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from carlrar.distributed import Collective
+
 LOSS_FORMS = ("nce", "infonce")
 NCE_EPS = 1e-7  # Tian et al.'s constant, kept so the loss matches the CRD reference value for value.
 Z_MOMENTUM = 0.99  # weight of the running Z against the current batch's estimate (SPEC 4)
@@ -186,6 +188,7 @@ class CARLLoss(nn.Module):
         momentum: float = 0.5,
         loss: str = "nce",
         seed: int = 0,
+        collective: Collective | None = None,
     ) -> None:
         super().__init__()
         if loss not in LOSS_FORMS:
@@ -198,13 +201,18 @@ class CARLLoss(nn.Module):
         self.sampler = ClassAwareNegativeSampler(labels, negatives, seed)
         self.bank_orig = MemoryBank(self.num_rows, dim, momentum)
         self.bank_adv = MemoryBank(self.num_rows, dim, momentum)
+        # Data-parallel training: banks are written with the whole global batch and negatives drawn for its
+        # classes, so every rank holds the same banks and advances the same sampler RNG.
+        self.collective = collective or Collective()
         self.register_buffer("z_a", torch.tensor(-1.0))
         self.register_buffer("z_o", torch.tensor(-1.0))
 
     def update_banks(self, indices: Tensor, clean: Tensor, adv: Tensor) -> None:
         """Write R into B_orig and R_adv into B_adv for the batch's rows (Eq. 5), detached."""
-        self.bank_orig.update(indices, clean)
-        self.bank_adv.update(indices, adv)
+        gather = self.collective.gather
+        indices = gather(indices)
+        self.bank_orig.update(indices, gather(clean.detach().float()))
+        self.bank_adv.update(indices, gather(adv.detach().float()))
 
     def forward(self, indices: Tensor, labels: Tensor, clean: Tensor, adv: Tensor) -> Tensor:
         """L_D for a batch: ``indices`` are dataset rows, ``clean``/``adv`` the live [batch, dim] views.
@@ -226,7 +234,10 @@ class CARLLoss(nn.Module):
             clean = F.normalize(clean.float(), dim=1)
             adv = F.normalize(adv.float(), dim=1)
             pos, neg_a, neg_o = [], [], []
-            for c, negative_rows in self.sampler.draw(labels).items():
+            local_classes = set(labels.unique().tolist())
+            for c, negative_rows in self.sampler.draw(self.collective.gather(labels)).items():
+                if c not in local_classes:
+                    continue
                 anchors = (labels == c).to(device)
                 negative_rows = negative_rows.to(device)
                 pos.append((adv[anchors] * clean[anchors]).sum(dim=1) / self.temperature)
@@ -243,7 +254,7 @@ class CARLLoss(nn.Module):
             return infonce_loss(pos_logits, neg_logits)
         with torch.no_grad():
             scores = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1).exp()
-            z_batch = scores.mean() * self.num_rows
+            z_batch = self.collective.mean(scores.mean()) * self.num_rows
             if self.training:
                 z.copy_(torch.where(z < 0, z_batch, Z_MOMENTUM * z + (1.0 - Z_MOMENTUM) * z_batch))
             z_used = torch.where(z < 0, z_batch, z)

@@ -32,6 +32,7 @@ from carlrar.config import METHODS, Config
 from carlrar.contrastive import CARLLoss, CARLObjective
 from carlrar.data import read_manifest
 from carlrar.devices import select_device
+from carlrar.distributed import Collective, init_collective
 from carlrar.errors import CarlrarError
 from carlrar.models import TextClassifier, count_parameters, load_model
 from carlrar.reconstruction import RARObjective, build_reconstructor
@@ -78,9 +79,22 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(num_rows, generator=generator)
 
 
-def batches(split: EncodedSplit, order: Tensor, batch_size: int, pad_id: int, start: int = 0) -> Iterator[Batch]:
+def batches(
+    split: EncodedSplit, order: Tensor, batch_size: int, pad_id: int, start: int = 0, collective: Collective | None = None,
+) -> Iterator[Batch]:
+    """Batches of ``order`` from batch number ``start``; with several ranks, each yields its share of each batch."""
+    rank, world = (collective.rank, collective.world_size) if collective else (0, 1)
     for first in range(start * batch_size, len(order), batch_size):
-        yield collate(split, order[first : first + batch_size], pad_id)
+        rows = order[first : first + batch_size]
+        if len(rows) < world:  # too few rows to give every rank one: dropped, as steps_per_epoch assumes
+            return
+        yield collate(split, rows.tensor_split(world)[rank], pad_id)
+
+
+def steps_in_epoch(num_rows: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch; a last batch too small to give every rank a row is dropped."""
+    full, rest = divmod(num_rows, batch_size)
+    return full + (1 if rest >= world_size else 0)
 
 
 @torch.no_grad()
@@ -135,7 +149,7 @@ def carl_schedule(start_step: int | None, start_epoch: float | None, steps_per_e
 
 def build_method(
     name: str, config: Config, dataset: str, model: TextClassifier, train_labels: Tensor, seed: int,
-    steps_per_epoch: int,
+    steps_per_epoch: int, collective: Collective | None = None,
 ) -> Method:
     if name not in METHODS:
         raise CarlrarError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
@@ -147,7 +161,7 @@ def build_method(
         carl = config.training["carl"]
         try:
             loss = CARLLoss(train_labels, model.config.hidden_size, ds.carl.negatives, temperature=carl["temperature"],
-                            momentum=carl["momentum"], loss=carl["loss"], seed=seed)
+                            momentum=carl["momentum"], loss=carl["loss"], seed=seed, collective=collective)
         except ValueError as exc:
             raise CarlrarError(f"CARL on {dataset}: {exc}") from None
         auxiliaries.append(CARLObjective(loss, start_step=tau, bank_start_step=bank_start))
@@ -190,6 +204,12 @@ def _rng_state(device: torch.device) -> dict[str, Tensor]:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def _restore_rng(state: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _module_state(module: nn.Module) -> dict[str, Any]:
@@ -267,15 +287,33 @@ def train(
     config: Config, dataset: str, method_name: str, seed: int, data_dir: str | Path, run_dir: str | Path,
     device_request: str = "auto",
 ) -> TrainResult:
-    """Train one (dataset, method, seed) run into ``run_dir``; resume from its checkpoint if there is one."""
-    from transformers import set_seed
+    """Train one (dataset, method, seed) run into ``run_dir``; resume from its checkpoint if there is one.
+
+    Started by ``torchrun --nproc_per_node N``, the ranks share each batch (see carlrar.distributed); rank 0
+    evaluates and writes every file.
+    """
 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     manifest = read_manifest(data_dir)
+    collective, rank_device = init_collective(device_request)
+    device, lease = (rank_device, None) if rank_device is not None else select_device(device_request)
+    try:
+        return _train(config, dataset, method_name, seed, data_dir, run_dir, manifest, device, collective)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train(
+    config: Config, dataset: str, method_name: str, seed: int, data_dir: Path, run_dir: Path,
+    manifest: dict[str, Any], device: torch.device, collective: Collective,
+) -> TrainResult:
+    from transformers import set_seed
+
     tcfg, ds = config.training, config.dataset(dataset)
-    device, lease = select_device(device_request)
+    main = collective.is_main
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    set_seed(seed, deterministic=device.type == "cpu")
+    set_seed(seed, deterministic=device.type == "cpu")  # the same initial weights on every rank
 
     model, tokenizer = load_model(config.model["name"], manifest["num_labels"], config.model.get("overrides") or None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -286,9 +324,13 @@ def train(
     if len(train_split) == 0 or len(dev_split) == 0:
         raise CarlrarError(f"{data_dir}: train and dev must not be empty (rows: {len(train_split)}, {len(dev_split)})")
 
-    steps_per_epoch = math.ceil(len(train_split) / ds.batch_size)
+    if ds.batch_size < collective.world_size:
+        raise CarlrarError(f"batch size {ds.batch_size} is smaller than the {collective.world_size} ranks sharing it")
+    steps_per_epoch = steps_in_epoch(len(train_split), ds.batch_size, collective.world_size)
     total_steps = tcfg["max_steps"] or math.ceil(tcfg["epochs"] * steps_per_epoch)
-    method = build_method(method_name, config, dataset, model, train_split.labels, seed, steps_per_epoch)
+    method = build_method(method_name, config, dataset, model, train_split.labels, seed, steps_per_epoch, collective)
+    if collective.world_size > 1:  # distinct dropout masks and FreeLB noise per rank, reproducible per rank
+        torch.manual_seed(seed * 1_000_003 + collective.rank)
     model.to(device)
     for module in method.modules.values():
         module.to(device)
@@ -306,19 +348,20 @@ def train(
             module.load_state_dict(state["modules"][mname])
         _restore_optimizer(optimizer, state["optimizer"])
         scheduler.load_state_dict({k: v for k, v in json.loads(state["scheduler"]).items()})
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        _restore_rng(state["rng"][str(collective.rank)], device)
         log.info("resumed %s at step %d (epoch %d, batch %d)", run_dir, progress.step, progress.epoch, progress.batch_in_epoch)
 
     def checkpoint() -> None:
-        state = {
-            "modules": {mname: _module_state(module) for mname, module in modules.items()},
-            "optimizer": _optimizer_state(optimizer),
-            "scheduler": json.dumps(scheduler.state_dict()),
-            "rng": _rng_state(device),
-        }
-        save_checkpoint(checkpoint_dir, state, progress)
+        """Called on every rank: rank 0 writes the shared state and every rank's RNG."""
+        rng = {str(r): state for r, state in enumerate(collective.gather_objects(_rng_state(device)))}
+        if main:
+            state = {
+                "modules": {mname: _module_state(module) for mname, module in modules.items()},
+                "optimizer": _optimizer_state(optimizer),
+                "scheduler": json.dumps(scheduler.state_dict()),
+                "rng": rng,
+            }
+            save_checkpoint(checkpoint_dir, state, progress)
 
     def save_best() -> None:
         with atomic_dir(best_dir) as tmp:
@@ -329,14 +372,15 @@ def train(
             tokenizer.save_pretrained(tmp)
 
     def run_eval() -> None:
-        accuracy, _ = evaluate(model, dev_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)
-        progress.history.append({"step": progress.step, "epoch": progress.step / steps_per_epoch,
-                                 "dev_accuracy": accuracy, "train_loss": running_loss()})
+        if main:
+            accuracy, _ = evaluate(model, dev_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)
+            progress.history.append({"step": progress.step, "epoch": progress.step / steps_per_epoch,
+                                     "dev_accuracy": accuracy, "train_loss": running_loss()})
+            log.info("step %d: dev accuracy %.4f", progress.step, accuracy)
+            if accuracy > progress.best_dev_accuracy:
+                progress.best_dev_accuracy, progress.best_step = accuracy, progress.step
+                save_best()
         progress.recent_losses.clear()
-        log.info("step %d: dev accuracy %.4f", progress.step, accuracy)
-        if accuracy > progress.best_dev_accuracy:
-            progress.best_dev_accuracy, progress.best_step = accuracy, progress.step
-            save_best()
         checkpoint()
 
     def running_loss() -> float | None:
@@ -345,14 +389,15 @@ def train(
 
     model.train()
     bar = tqdm(total=total_steps, initial=progress.step, desc=f"{dataset}/{method_name}/seed{seed}", unit="step",
-               dynamic_ncols=True, disable=None)
+               dynamic_ncols=True, disable=None if main else True)
     started = time.perf_counter() - progress.train_seconds
     correct = seen = 0
     while progress.step < total_steps:
         order = epoch_order(len(train_split), seed, progress.epoch)
-        for batch in batches(train_split, order, ds.batch_size, pad_id, start=progress.batch_in_epoch):
+        for batch in batches(train_split, order, ds.batch_size, pad_id, progress.batch_in_epoch, collective):
             batch = batch.to(device)
             out = adversarial_backward(model, batch, method.freelb, method.auxiliaries, progress.step, amp_dtype)
+            collective.reduce_gradients(params, len(batch.labels))
             if tcfg["max_grad_norm"] > 0:
                 torch.nn.utils.clip_grad_norm_(params, tcfg["max_grad_norm"])
             optimizer.step()
@@ -379,6 +424,9 @@ def train(
             if progress.step >= total_steps or end_of_epoch:
                 break
     bar.close()
+    if not main:
+        collective.barrier()
+        return TrainResult(metrics={}, run_dir=run_dir)
 
     best = load_file(str(best_dir / "weights.safetensors"))
     model.load_state_dict({k.removeprefix("model."): v for k, v in best.items() if k.startswith("model.")})
@@ -393,7 +441,7 @@ def train(
         "best_step": progress.best_step, "params": count_parameters(nn.ModuleList(list(modules.values()))),
         "steps": progress.step, "epochs": progress.step / steps_per_epoch, "train_seconds": progress.train_seconds,
         "samples_per_second": progress.samples_seen / max(progress.train_seconds, 1e-9),
-        "device": str(device), "history": progress.history,
+        "device": str(device), "world_size": collective.world_size, "history": progress.history,
         "config": {"model": config.model, "data": config.raw["data"], "training": tcfg,
                    "dataset": config.raw["datasets"][dataset]},
         "versions": _versions(),
@@ -401,8 +449,7 @@ def train(
                  "splits": {s: info["sha256"] for s, info in manifest["splits"].items()}},
     }
     write_json(run_dir / "metrics.json", metrics)
-    if lease is not None:
-        lease.release()
+    collective.barrier()
     return TrainResult(metrics=metrics, run_dir=run_dir)
 
 
