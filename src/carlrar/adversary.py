@@ -195,12 +195,12 @@ def adversarial_backward(
     return StepOutput(logits=views.adversarial.logits.detach(), losses={k: v.item() for k, v in losses.items()})
 
 
-def count_correct(logits: Tensor, labels: Tensor) -> int:
-    return int((logits.argmax(dim=-1) == labels).sum())
+def parameters_of(model: nn.Module, auxiliaries: tuple[AuxiliaryLoss, ...] | list[AuxiliaryLoss] = ()) -> list[nn.Parameter]:
+    """Trainable parameters of the model and of auxiliary modules (RAR's head), tied weights once.
 
-
-def parameters_of(model: nn.Module, auxiliaries: list[AuxiliaryLoss]) -> list[nn.Parameter]:
-    """Trainable parameters of the model and of auxiliary modules (RAR's head), tied weights once."""
+    RAR's decoder weight is the model's embedding matrix; an optimizer given both modules' parameters
+    would see it twice.
+    """
     seen: dict[int, nn.Parameter] = {}
     for module in [model, *[a for a in auxiliaries if isinstance(a, nn.Module)]]:
         for p in module.parameters():

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from carlrar import __version__
-from carlrar.adversary import AuxiliaryLoss, Batch, FreeLB, adversarial_backward, autocast_context
+from carlrar.adversary import AuxiliaryLoss, Batch, FreeLB, adversarial_backward, autocast_context, parameters_of
 from carlrar.config import METHODS, Config
 from carlrar.contrastive import CARLLoss, CARLObjective
 from carlrar.data import read_manifest
@@ -336,7 +336,7 @@ def _train(
         module.to(device)
     modules: dict[str, nn.Module] = {"model": model, **method.modules}
     named = {id(p): f"{mname}.{pname}" for mname, mod in modules.items() for pname, p in mod.named_parameters()}
-    params = list({id(p): p for mod in modules.values() for p in mod.parameters() if p.requires_grad}.values())
+    params = parameters_of(model, method.auxiliaries)
     optimizer = _make_optimizer(params, named, tcfg["learning_rate"], tcfg["weight_decay"])
     scheduler = get_linear_schedule_with_warmup(optimizer, round(tcfg["warmup_ratio"] * total_steps), total_steps)
 
