@@ -232,17 +232,27 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+CHECKPOINT_FORMAT = 2  # bump when the layout of state.json / state.safetensors changes
+
+
 def save_checkpoint(path: Path, state: dict[str, Any], progress: Progress) -> None:
     tensors: dict[str, Tensor] = {}
     meta: dict[str, Any] = {}
     _flatten("", state, tensors, meta)
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"meta": meta, "progress": progress.__dict__}, indent=1))
+        (tmp / "state.json").write_text(
+            json.dumps({"format": CHECKPOINT_FORMAT, "meta": meta, "progress": progress.__dict__}, indent=1)
+        )
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], Progress]:
     info = json.loads((path / "state.json").read_text())
+    if info.get("format") != CHECKPOINT_FORMAT:
+        raise CarlrarError(
+            f"{path} was written by an incompatible version of carlrar (format {info.get('format')}, this version "
+            f"reads {CHECKPOINT_FORMAT}); delete that folder to train the run from the start"
+        )
     return _unflatten(load_file(str(path / "state.safetensors")), info["meta"]), Progress(**info["progress"])
 
 

@@ -59,7 +59,9 @@ rule robustness_tables:
         samples=sample_reports(),
         code=code_inputs(TABLE_CODE),
     output:
-        [f"{TABLES}/{name}.{ext}" for name in ROBUSTNESS_TABLES for ext in ("md", "csv", "tex")],
+        [report(f"{TABLES}/{name}.{ext}", caption="../report/robustness.rst", category="Tables",
+                labels={"table": name, "format": ext}) if ext == "md" else f"{TABLES}/{name}.{ext}"
+         for name in ROBUSTNESS_TABLES for ext in ("md", "csv", "tex")],
     params:
         out=TABLES,
         samples=lambda wildcards, input: ("--samples " + " ".join(input.samples)) if input.samples else "",
@@ -77,7 +79,9 @@ rule figures:
         summaries=attack_summaries(),
         code=code_inputs(TABLE_CODE),
     output:
-        [f"{FIGURES}/{name}.{ext}" for name in FIGURE_NAMES for ext in ("pdf", "png")],
+        [report(f"{FIGURES}/{name}.{ext}", caption="../report/figures.rst", category="Figures",
+                labels={"figure": name}) if ext == "png" else f"{FIGURES}/{name}.{ext}"
+         for name in FIGURE_NAMES for ext in ("pdf", "png")],
     params:
         out=FIGURES,
     log:

@@ -6,8 +6,10 @@ rule table2:
         metrics=metrics_files(),
         code=code_inputs(TABLE_CODE),
     output:
-        md=f"{TABLE2_PREFIX}.md",
-        csv=f"{TABLE2_PREFIX}.csv",
+        md=report(f"{TABLE2_PREFIX}.md", caption="../report/table2.rst", category="Tables",
+                  labels={"table": "2 (accuracy)", "format": "md"}),
+        csv=report(f"{TABLE2_PREFIX}.csv", caption="../report/table2.rst", category="Tables",
+                   labels={"table": "2 (accuracy)", "format": "csv"}),
         tex=f"{TABLE2_PREFIX}.tex",
     params:
         prefix=lambda wildcards, output: output.md.removesuffix(".md"),
@@ -23,8 +25,10 @@ rule table7:
         metrics=metrics_files(),
         code=code_inputs(TABLE_CODE),
     output:
-        md=f"{TABLE7_PREFIX}.md",
-        csv=f"{TABLE7_PREFIX}.csv",
+        md=report(f"{TABLE7_PREFIX}.md", caption="../report/table7.rst", category="Tables",
+                  labels={"table": "7 (parameters)", "format": "md"}),
+        csv=report(f"{TABLE7_PREFIX}.csv", caption="../report/table7.rst", category="Tables",
+                   labels={"table": "7 (parameters)", "format": "csv"}),
     params:
         prefix=TABLE7_PREFIX,
     log:
