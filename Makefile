@@ -13,7 +13,7 @@ STAMP := $(VENV)/.carlrar-installed
 
 QUICK_CORES ?= 2
 
-.PHONY: setup quick test test-fast clean-venv
+.PHONY: setup quick test test-slow clean-venv
 
 setup: $(STAMP)
 
@@ -31,11 +31,12 @@ quick: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/quick --cores $(QUICK_CORES) \
 		--configfile config/quick.yaml --config raw_dir="$(abspath $(RAW_DIR))"
 
+# The default suite (under 10 minutes on 2 cores); test-slow adds the long end-to-end checks (DVC, report).
 test: setup
-	RAW_DIR="$(abspath $(RAW_DIR))" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	RAW_DIR="$(abspath $(RAW_DIR))" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-fast: PYTEST_ARGS = -m "not slow"
-test-fast: test
+test-slow: setup
+	RAW_DIR="$(abspath $(RAW_DIR))" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

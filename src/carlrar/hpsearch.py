@@ -19,7 +19,6 @@ The manual fine-tuning that followed in the paper is left to the user (narrow th
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import yaml
 from carlrar.config import ConfigError
 from carlrar.errors import CarlrarError
 from carlrar.reporting import DATASET_NAMES, DATASET_ORDER
-from carlrar.storage import write_text
+from carlrar.storage import read_json, write_text
 
 PARAMS = ("init_mag", "adv_lr", "adv_max_norm", "adv_steps")
 # Table 8: key -> (lower, upper, the paper's symbol). Both ends are inclusive.
@@ -136,12 +135,7 @@ def grid_trials(hpsearch: Mapping[str, Any]) -> list[Trial]:
 
 # --- choosing the best trial per dataset -----------------------------------------------------------------------
 def _read_trial_run(path: Path) -> dict[str, Any]:
-    try:
-        m = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HPSearchError(f"metrics file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HPSearchError(f"{path} is not valid JSON: {exc}") from None
+    m = read_json(path, "metrics file")
     try:
         freelb = m["config"]["dataset"]["freelb"]
         trial = Trial(*(freelb[key] for key in PARAMS))

@@ -134,8 +134,11 @@ class RARObjective(nn.Module):
 
     def loss(self, views: Any, step: int) -> torch.Tensor:
         batch = views.batch
-        logits = self.reconstructor(views.adversarial.tokens)
-        return self.weight * reconstruction_loss(logits, batch.input_ids, batch.attention_mask)
+        real = batch.attention_mask.bool()
+        # The head works position by position, so only real tokens are decoded: the same loss as
+        # reconstruction_loss on the full logits, without a [batch, length, vocab] tensor for the padding.
+        logits = self.reconstructor(views.adversarial.tokens[real])
+        return self.weight * F.cross_entropy(logits.float(), batch.input_ids[real])
 
     def after_backward(self, views: Any, step: int) -> None:
         return None

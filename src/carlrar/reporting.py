@@ -11,7 +11,6 @@ undefined and left blank.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from carlrar.errors import CarlrarError
-from carlrar.storage import write_text
+from carlrar.storage import read_json, write_text
 
 DATASET_ORDER = ("sst2", "yahoo_answers", "yelp_polarity", "ag_news")
 DATASET_NAMES = {"sst2": "SST-2", "yahoo_answers": "Yahoo! Answers", "yelp_polarity": "Yelp-P", "ag_news": "AG's News"}
@@ -35,12 +34,7 @@ class ReportError(CarlrarError):
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:
-    try:
-        metrics = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"metrics file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{path} is not valid JSON: {exc}") from None
+    metrics = read_json(path, "metrics file")
     if not isinstance(metrics, dict):
         raise ReportError(f"{path}: expected a JSON object of metrics")
     missing = [key for key in TABLE2_REQUIRED_KEYS if key not in metrics]
@@ -179,11 +173,9 @@ def write_table7(metrics_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
     """
     counts: dict[tuple[str, str], int] = {}
     for path in map(Path, metrics_paths):
+        m = read_json(path, "metrics file")
         try:
-            m = json.loads(path.read_text(encoding="utf-8"))
             key, params = (str(m["dataset"]), str(m["method"])), int(m["params"])
-        except FileNotFoundError:
-            raise ReportError(f"metrics file not found: {path}") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise ReportError(f"{path}: cannot read 'dataset', 'method' and 'params' for Table 7 ({exc})") from None
         if counts.setdefault(key, params) != params:
@@ -214,20 +206,11 @@ def write_table7(metrics_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
 # --- robustness: Tables 4, 5 and 6 from attack summaries ----------------------------------------------------------
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{path} is not valid JSON: {exc}") from None
-
-
 def attack_frame(summary_paths: list[Path]) -> pd.DataFrame:
     """One row per (dataset, method, seed, epsilon) from ``carlrar attack`` summaries, accuracies in percent."""
     rows = []
     for path in map(Path, summary_paths):
-        summary = _read_json(path, "attack summary")
+        summary = read_json(path, "attack summary")
         try:
             for entry in summary["epsilons"].values():
                 rows.append({
@@ -334,7 +317,7 @@ def write_table6(sample_paths: list[Path], out_prefix: Path, examples_per_run: i
     """Table 6: text-form adversarial samples decoded by RAR's reconstructor, counted per run, with examples."""
     rows, examples = [], []
     for path in map(Path, sample_paths):
-        report = _read_json(path, "samples report")
+        report = read_json(path, "samples report")
         try:
             rows.append({"dataset": report["dataset"], "method": report["method"], "seed": report["seed"],
                          "examples": report["n_examples"], "changed": report["n_changed"],
@@ -424,7 +407,7 @@ def write_figures(metrics_paths: list[Path], summary_paths: list[Path], out_dir:
 
     history = []
     for path in map(Path, metrics_paths):
-        m = _read_json(path, "metrics file")
+        m = read_json(path, "metrics file")
         history += [{"dataset": m["dataset"], "method": m["method"], "seed": m["seed"], "epoch": h["epoch"],
                      "dev accuracy (%)": 100.0 * h["dev_accuracy"]} for h in m.get("history", [])]
     if history:

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from carlrar.errors import CarlrarError
+
 
 def _umask() -> int:
     current = os.umask(0)
@@ -46,6 +48,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Read a JSON file written by a pipeline step; a missing or broken file is one clear CarlrarError."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CarlrarError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CarlrarError(f"{path} is not valid JSON: {exc}") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -1,0 +1,453 @@
+"""FreeLB and the adversarial step (SPEC 3, 4, 5) against a plain re-derivation written out here.
+
+The expected values never come from FreeLB's own helpers: the test re-seeds torch, draws delta0 the way
+SPEC 3 says, runs its own forward passes with the RNG restored before each (fixed dropout masks), takes
+gradients with ``torch.autograd.grad`` and steps delta example by example in plain Python. Dropout is
+active (train mode, dropout 0.1 in the encoder), so a pass with other dropout masks would not match.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: no network here
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.testing import assert_close
+
+from carlrar.adversary import Batch, FreeLB, adversarial_backward
+from carlrar.config import FreeLBConfig
+from carlrar.contrastive import CARLLoss, CARLObjective
+from carlrar.models import ClassifierOutput, TextClassifier, load_model
+from carlrar.reconstruction import RARObjective, build_reconstructor, reconstruction_loss
+
+SHARED = Path(os.environ.get("CARLRAR_SHARED", Path(__file__).parents[1].parent / "shared"))
+RANDOM_ALBERT = f"random:{SHARED / 'albert'}"
+RANDOM_MINILM = "random:minilm-l6"
+DROPOUT = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, **DROPOUT}
+TINY_ALBERT = {**TINY_BERT, "embedding_size": 16}  # FreeLB perturbs the 16-dim lookup, before the 16->32 projection
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+# L_D's logits are x1.x2 / 0.07 and its exp: summation-order rounding grows to ~2e-5 relative there
+CARL_TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+# (init_mag, adv_lr, adv_max_norm, K, norm_type)
+SST2 = (0.6, 0.1, 0.0, 2, "l2")  # Table 1
+YAHOO = (0.0, 0.01, 0.0, 3, "l2")  # Table 1: zero init
+L2_PROJECTED = (0.6, 0.5, 0.7, 3, "l2")  # the second ascent step leaves the ball
+LINF_PROJECTED = (0.05, 0.03, 0.04, 3, "linf")
+
+
+def freelb(init_mag: float, adv_lr: float, adv_max_norm: float, k: int, norm_type: str) -> FreeLB:
+    return FreeLB(FreeLBConfig(init_mag=init_mag, adv_lr=adv_lr, adv_max_norm=adv_max_norm, adv_steps=k,
+                               norm_type=norm_type))
+
+
+def tiny_model(name: str) -> TextClassifier:
+    torch.manual_seed(0)
+    model, _ = load_model(name, 2, TINY_ALBERT if name == RANDOM_ALBERT else TINY_BERT)
+    return model.train()
+
+
+@pytest.fixture(scope="module")
+def bert() -> TextClassifier:
+    return tiny_model(RANDOM_MINILM)
+
+
+@pytest.fixture(scope="module")
+def albert() -> TextClassifier:
+    return tiny_model(RANDOM_ALBERT)
+
+
+@pytest.fixture(params=["minilm", "albert"])
+def model(request: pytest.FixtureRequest) -> TextClassifier:
+    return request.getfixturevalue("bert" if request.param == "minilm" else "albert")
+
+
+# 12 training rows (labels alternate); a batch takes rows 2, 7, 5, 10 with real lengths 7, 5, 3, 6.
+DATASET_LABELS = torch.tensor([0, 1] * 6)
+BATCH_ROWS = torch.tensor([2, 7, 5, 10])
+
+
+def make_batch(vocab_size: int, lengths: tuple[int, ...] = (7, 5, 3, 6)) -> Batch:
+    generator = torch.Generator().manual_seed(1)
+    width = max(lengths)  # dynamically padded: the longest sequence has no padding
+    mask = (torch.arange(width) < torch.tensor(lengths).unsqueeze(1)).long()
+    ids = torch.randint(5, vocab_size, (len(lengths), width), generator=generator) * mask  # pad id 0
+    rows = BATCH_ROWS[: len(lengths)]
+    return Batch(input_ids=ids, attention_mask=mask, labels=DATASET_LABELS[rows], indices=rows)
+
+
+def unique_parameters(*modules: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters by name, a tied parameter once."""
+    seen: dict[int, tuple[str, nn.Parameter]] = {}
+    for i, module in enumerate(modules):
+        for name, p in module.named_parameters():
+            seen.setdefault(id(p), (f"{i}.{name}", p))
+    return dict(seen.values())
+
+
+def zero_grads(*modules: nn.Module) -> None:
+    for module in modules:
+        module.zero_grad(set_to_none=True)
+
+
+# --- the independent re-derivation ---------------------------------------------------------------------------
+
+
+def draw_delta0(shape: torch.Size, mask: Tensor, init_mag: float, norm_type: str) -> Tensor:
+    """SPEC 3 step 2, written out example by example."""
+    batch, _, emb_dim = shape
+    if init_mag == 0:
+        return torch.zeros(shape)
+    if norm_type == "l2":
+        noise = torch.empty(shape).uniform_(-1, 1)
+    else:
+        noise = torch.empty(shape).uniform_(-init_mag, init_mag)
+    delta = torch.zeros(shape)
+    for b in range(batch):
+        real = mask[b].unsqueeze(-1).float()
+        if norm_type == "l2":
+            n_real = int(mask[b].sum())
+            delta[b] = noise[b] * real * init_mag / math.sqrt(n_real * emb_dim)
+        else:
+            delta[b] = noise[b] * real
+    return delta
+
+
+def ascent_step(delta: Tensor, grad: Tensor, mask: Tensor, adv_lr: float, adv_max_norm: float,
+                norm_type: str) -> tuple[Tensor, bool]:
+    """SPEC 3 step 3 for t < K, example by example; also says whether a projection changed anything."""
+    out = torch.zeros_like(delta)
+    projected = False
+    for b in range(delta.shape[0]):
+        g = grad[b]
+        norm = g.norm() if norm_type == "l2" else g.abs().max()
+        new = delta[b] + adv_lr * g / max(float(norm), 1e-8)
+        if adv_max_norm > 0:
+            if norm_type == "l2" and float(new.norm()) > adv_max_norm:
+                new = new * (adv_max_norm / new.norm())
+                projected = True
+            elif norm_type == "linf" and float(new.abs().max()) > adv_max_norm:
+                new = new.clamp(-adv_max_norm, adv_max_norm)
+                projected = True
+        out[b] = new * mask[b].unsqueeze(-1).float()
+    return out, projected
+
+
+Extra = Callable[[ClassifierOutput, ClassifierOutput | None], Tensor]
+
+
+def rederive(model: TextClassifier, batch: Batch, hp: tuple, seed: int, params: dict[str, nn.Parameter],
+             extra: Extra | None = None, clean_pass: bool = False, restore_rng: bool = True) -> dict:
+    """The accumulated gradient of one FreeLB step: sum over the K passes of grad(CE / K), aux on the last."""
+    init_mag, adv_lr, adv_max_norm, k, norm_type = hp
+    ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+    table = model.encoder.get_input_embeddings().weight
+    torch.manual_seed(seed)
+    delta = draw_delta0(torch.Size((*ids.shape, table.shape[1])), mask, init_mag, norm_type)
+    state = torch.get_rng_state()
+    clean = None
+    if clean_pass:
+        torch.set_rng_state(state)
+        clean = model(inputs_embeds=F.embedding(ids, table), attention_mask=mask)
+    names = list(params)
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    ce_values, projected_any, last, extra_value = [], False, None, None
+    for t in range(k):
+        if restore_rng:
+            torch.set_rng_state(state)
+        d = delta.clone().requires_grad_(True)
+        out = model(inputs_embeds=F.embedding(ids, table) + d, attention_mask=mask)
+        ce = F.cross_entropy(out.logits, labels)
+        ce_values.append(float(ce.detach()))
+        loss = ce / k
+        if t == k - 1 and extra is not None:
+            extra_value = extra(out, clean)
+            loss = loss + extra_value
+        grads = torch.autograd.grad(loss, [params[n] for n in names] + [d], allow_unused=True)
+        for name, g in zip(names, grads[:-1]):
+            if g is not None:
+                total[name] += g
+        if t < k - 1:
+            g_delta = grads[-1]
+            # the model never reads padding positions, so masking g before or after its norm is the same
+            assert torch.all(g_delta[~mask.bool()] == 0)
+            delta, projected = ascent_step(delta, g_delta, mask, adv_lr, adv_max_norm, norm_type)
+            projected_any |= projected
+        last = out
+    return {"grads": total, "ce": sum(ce_values) / k, "projected": projected_any, "clean": clean,
+            "logits": last.logits.detach(), "sentence": last.sentence.detach(), "extra": extra_value}
+
+
+def assert_grads_equal(params: dict[str, nn.Parameter], expected: dict[str, Tensor], tol: dict = TOL) -> None:
+    for name, p in params.items():
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert_close(got, expected[name], **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# --- initial delta -----------------------------------------------------------------------------------------------
+
+
+def test_initial_delta_is_zero_without_init_mag(model: TextClassifier) -> None:
+    batch = make_batch(model.config.vocab_size)
+    embeds = model.embed(batch.input_ids)
+    delta = freelb(0.0, 0.1, 0.0, 2, "l2").initial_delta(embeds, batch.attention_mask)
+    assert delta.shape == embeds.shape and delta.dtype == torch.float32
+    assert torch.count_nonzero(delta) == 0
+
+
+@pytest.mark.parametrize("norm_type", ["l2", "linf"])
+def test_initial_delta_is_the_spec_draw(model: TextClassifier, norm_type: str) -> None:
+    init_mag = 0.6
+    batch = make_batch(model.config.vocab_size)
+    mask = batch.attention_mask
+    embeds = model.embed(batch.input_ids).detach()
+    emb_dim = model.encoder.get_input_embeddings().weight.shape[1]
+    assert embeds.shape[-1] == emb_dim  # the raw lookup (ALBERT: 16), not the hidden size (32)
+    torch.manual_seed(123)
+    delta = freelb(init_mag, 0.1, 0.0, 2, norm_type).initial_delta(embeds.to(torch.bfloat16), mask)
+    torch.manual_seed(123)
+    expected = draw_delta0(embeds.shape, mask, init_mag, norm_type)
+    assert delta.dtype == torch.float32
+    assert_close(delta, expected, rtol=1e-6, atol=1e-8)
+    assert torch.all(delta[~mask.bool()] == 0)
+    for b in range(len(mask)):
+        real = delta[b][mask[b].bool()]
+        bound = init_mag / math.sqrt(int(mask[b].sum()) * emb_dim) if norm_type == "l2" else init_mag
+        assert real.abs().max() <= bound * (1 + 1e-6)
+        assert real.abs().max() > 0.5 * bound  # uniform over the whole range, not a tiny corner of it
+
+
+def test_initial_delta_scale() -> None:
+    """l2: |delta0|_F per example is init_mag * sqrt(E[u^2]) = init_mag / sqrt(3), whatever the length."""
+    torch.manual_seed(0)
+    init_mag, emb_dim, lengths = 0.6, 32, torch.tensor([200, 120, 60])
+    mask = (torch.arange(200) < lengths.unsqueeze(1)).long()
+    embeds = torch.zeros(3, 200, emb_dim)
+    delta = freelb(init_mag, 0.1, 0.0, 2, "l2").initial_delta(embeds, mask)
+    norms = delta.flatten(1).norm(dim=1)
+    assert_close(norms, torch.full((3,), init_mag / math.sqrt(3)), rtol=0.04, atol=0)
+    box = freelb(init_mag, 0.1, 0.0, 2, "linf").initial_delta(embeds, mask)
+    real = box[mask.bool()]
+    assert real.abs().max() <= init_mag
+    assert abs(float(real.abs().mean()) - init_mag / 2) < 0.02 * init_mag  # U(-a, a): E|u| = a / 2
+    assert torch.all(box[~mask.bool()] == 0)
+
+
+# --- one ascent step -----------------------------------------------------------------------------------------------
+
+
+def step_inputs(norm_type: str = "l2") -> tuple[Tensor, Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    real = mask.unsqueeze(-1).float()
+    delta = torch.randn(3, 6, 8, generator=generator) * 0.01 * real
+    grad = torch.randn(3, 6, 8, generator=generator) * real
+    return delta, grad, mask
+
+
+@pytest.mark.parametrize("norm_type", ["l2", "linf"])
+def test_unprojected_step_has_length_adv_lr(norm_type: str) -> None:
+    delta, grad, mask = step_inputs()
+    adv_lr = 0.1
+    new = freelb(0.0, adv_lr, 0.0, 2, norm_type).ascend(delta, grad, mask)
+    step = (new - delta).flatten(1)
+    if norm_type == "l2":
+        assert_close(step.norm(dim=1), torch.full((3,), adv_lr))
+        direction = grad.flatten(1) / grad.flatten(1).norm(dim=1, keepdim=True)
+    else:
+        assert_close(step.abs().amax(dim=1), torch.full((3,), adv_lr))
+        direction = grad.flatten(1) / grad.flatten(1).abs().amax(dim=1, keepdim=True)
+    assert_close(step, adv_lr * direction)
+
+
+def test_l2_projection_shrinks_only_examples_outside_the_ball() -> None:
+    delta, grad, mask = step_inputs()
+    real = mask.unsqueeze(-1).float()
+    delta = delta.clone()
+    delta[0] = 0.95 * grad[0] / grad[0].norm()  # one step of 0.2 along the gradient leaves the unit ball
+    new = freelb(0.0, 0.2, 1.0, 2, "l2").ascend(delta, grad, mask)
+    unprojected = delta + 0.2 * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1)
+    norms = new.flatten(1).norm(dim=1)
+    assert torch.all(norms <= 1.0 + 1e-6)
+    assert_close(norms[0], torch.tensor(1.0))
+    assert_close(new[0], unprojected[0] / unprojected[0].norm())
+    assert_close(new[1:], (unprojected * real)[1:])  # inside the ball: untouched
+    unbounded = freelb(0.0, 0.2, 0.0, 2, "l2").ascend(delta * 100, grad, mask)
+    assert_close(unbounded, delta * 100 + (unprojected - delta))  # adv_max_norm = 0: no projection at all
+    assert unbounded.flatten(1).norm(dim=1)[0] > 90
+
+
+def test_linf_projection_clamps_to_the_box() -> None:
+    delta, grad, mask = step_inputs()
+    eps = 0.05
+    new = freelb(0.0, 0.08, eps, 2, "linf").ascend(delta, grad, mask)
+    unprojected = delta + 0.08 * grad / grad.flatten(1).abs().amax(dim=1).view(-1, 1, 1)
+    assert new.abs().max() <= eps
+    inside = unprojected.abs() <= eps
+    assert_close(new[inside], unprojected[inside])
+    assert torch.all(new[~inside].abs() == eps)
+    assert torch.any(~inside) and torch.any(inside & mask.bool().unsqueeze(-1))
+
+
+@pytest.mark.parametrize("norm_type", ["l2", "linf"])
+def test_step_keeps_padding_zero(norm_type: str) -> None:
+    delta, grad, mask = step_inputs()
+    pad = ~mask.bool()
+    noisy_grad = grad + pad.unsqueeze(-1).float()  # a gradient that (wrongly) reaches padding
+    new = freelb(0.0, 0.1, 0.0, 2, norm_type).ascend(delta, noisy_grad, mask)
+    assert torch.all(new[pad] == 0)
+    projected = freelb(0.0, 0.1, 0.05, 2, norm_type).ascend(delta, noisy_grad, mask)
+    assert torch.all(projected[pad] == 0)
+
+
+@pytest.mark.parametrize("norm_type", ["l2", "linf"])
+def test_zero_gradient_leaves_delta_unchanged(norm_type: str) -> None:
+    delta, grad, mask = step_inputs()
+    grad = grad.clone()
+    grad[1] = 0
+    new = freelb(0.0, 0.1, 0.0, 2, norm_type).ascend(delta, grad, mask)
+    assert torch.isfinite(new).all()
+    assert torch.equal(new[1], delta[1])
+    assert not torch.allclose(new[0], delta[0])  # the others still move
+    assert torch.equal(freelb(0.0, 0.1, 0.0, 2, norm_type).ascend(delta, torch.zeros_like(grad), mask), delta)
+
+
+# --- the accumulated gradient of a whole step ------------------------------------------------------------------
+
+
+def test_dropout_is_active(model: TextClassifier) -> None:
+    """The comparisons below only check fixed dropout masks if dropout changes the output."""
+    batch = make_batch(model.config.vocab_size)
+    with torch.no_grad():
+        first = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        second = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    assert not torch.allclose(first.logits, second.logits)
+    assert not torch.allclose(first.tokens, second.tokens)  # encoder dropout, not only the classifier's
+
+
+@pytest.mark.parametrize(
+    "hp", [SST2, YAHOO, L2_PROJECTED, LINF_PROJECTED], ids=["sst2", "zero-init", "l2-ball", "linf"]
+)
+def test_freelb_gradient_is_the_mean_of_the_passes(model: TextClassifier, hp: tuple) -> None:
+    batch = make_batch(model.config.vocab_size)
+    params = unique_parameters(model)
+    zero_grads(model)
+    torch.manual_seed(11)
+    out = adversarial_backward(model, batch, freelb(*hp))
+    expected = rederive(model, batch, hp, seed=11, params=params)
+    assert_grads_equal(params, expected["grads"])
+    assert set(out.losses) == {"ce"}
+    assert out.losses["ce"] == pytest.approx(expected["ce"], rel=1e-5)
+    assert_close(out.logits, expected["logits"], **TOL)
+    if hp in (L2_PROJECTED, LINF_PROJECTED):
+        assert expected["projected"]  # the case exercises the projection
+    if hp is SST2:  # teeth: other dropout masks in each pass give another gradient
+        other = rederive(model, batch, hp, seed=11, params=params, restore_rng=False)
+        same = [torch.allclose(p.grad, other["grads"][n], **TOL) for n, p in params.items() if p.grad is not None]
+        assert not all(same)
+    zero_grads(model)
+
+
+def test_base_is_one_plain_backward(model: TextClassifier) -> None:
+    batch = make_batch(model.config.vocab_size)
+    params = unique_parameters(model)
+    zero_grads(model)
+    torch.manual_seed(5)
+    out = adversarial_backward(model, batch, None)
+    torch.manual_seed(5)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    loss = F.cross_entropy(logits, batch.labels)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    assert_grads_equal(params, {n: g if g is not None else torch.zeros_like(p)
+                                for (n, p), g in zip(params.items(), grads)})
+    assert out.losses == {"ce": pytest.approx(float(loss.detach()), rel=1e-6)}
+    zero_grads(model)
+    torch.manual_seed(5)
+    adversarial_backward(model, batch, freelb(0.0, 0.1, 0.0, 1, "l2"))  # K = 1 from zero: no perturbation
+    assert_grads_equal(params, {n: g if g is not None else torch.zeros_like(p)
+                                for (n, p), g in zip(params.items(), grads)})
+    zero_grads(model)
+
+
+# --- CARL and RAR on the last pass ---------------------------------------------------------------------------
+
+
+def filled_carl(dim: int) -> CARLLoss:
+    """A CARL loss over the 12 rows, banks written for every row (the same for every call)."""
+    carl = CARLLoss(DATASET_LABELS, dim, negatives=3, seed=7)
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.arange(len(DATASET_LABELS))
+    carl.update_banks(rows, torch.randn(len(rows), dim, generator=generator),
+                      torch.randn(len(rows), dim, generator=generator))
+    return carl
+
+
+@pytest.fixture(scope="module")
+def bert_rar(bert: TextClassifier) -> RARObjective:
+    torch.manual_seed(4)
+    return RARObjective(build_reconstructor(bert, RANDOM_MINILM), weight=0.1)
+
+
+@pytest.mark.parametrize("hp", [SST2, L2_PROJECTED], ids=["sst2", "l2-ball"])
+def test_carl_and_rar_join_the_last_pass(bert: TextClassifier, bert_rar: RARObjective, hp: tuple) -> None:
+    batch = make_batch(bert.config.vocab_size)
+    dim = bert.config.hidden_size
+    params = unique_parameters(bert, bert_rar)
+    zero_grads(bert, bert_rar)
+    carl = CARLObjective(filled_carl(dim), start_step=0, bank_start_step=0)
+    torch.manual_seed(21)
+    out = adversarial_backward(bert, batch, freelb(*hp), [carl, bert_rar], step=0)
+
+    reference_carl = filled_carl(dim)  # same banks, sampler seed and Z: the black box gives the same value
+
+    def extra(last: ClassifierOutput, clean: ClassifierOutput | None) -> Tensor:
+        assert clean is not None
+        l_d = reference_carl(batch.indices, batch.labels, clean.sentence, last.sentence)
+        l_r = reconstruction_loss(bert_rar.reconstructor(last.tokens), batch.input_ids, batch.attention_mask)
+        return l_d + 0.1 * l_r
+
+    expected = rederive(bert, batch, hp, seed=21, params=params, extra=extra, clean_pass=True)
+    assert_grads_equal(params, expected["grads"], CARL_TOL)
+    assert set(out.losses) == {"ce", "carl", "rar"}
+    assert out.losses["ce"] == pytest.approx(expected["ce"], rel=1e-5)
+    assert out.losses["carl"] + out.losses["rar"] == pytest.approx(float(expected["extra"].detach()), rel=1e-5)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in bert_rar.parameters())
+    zero_grads(bert, bert_rar)
+
+
+def test_carl_contributes_nothing_before_tau(bert: TextClassifier) -> None:
+    batch = make_batch(bert.config.vocab_size)
+    dim = bert.config.hidden_size
+    params = unique_parameters(bert)
+    zero_grads(bert)
+    loss = filled_carl(dim)
+    before = (loss.bank_orig.rows.clone(), loss.bank_adv.rows.clone())
+    carl = CARLObjective(loss, start_step=5, bank_start_step=0)  # banks written, loss not yet on
+    torch.manual_seed(31)
+    out = adversarial_backward(bert, batch, freelb(*SST2), [carl], step=2)
+    expected = rederive(bert, batch, SST2, seed=31, params=params, clean_pass=True)
+    assert set(out.losses) == {"ce"}
+    assert_grads_equal(params, expected["grads"])  # the clean pass leaves the adversarial passes' masks alone
+
+    # after the step the banks hold the step's views: B[i] = normalise(M B[i] + (1 - M) normalise(R_i))
+    rows = batch.indices
+
+    def written(old: Tensor, rep: Tensor) -> Tensor:
+        return F.normalize(0.5 * old + 0.5 * F.normalize(rep, dim=1), dim=1)
+
+    assert_close(loss.bank_orig.rows[rows], written(before[0][rows], expected["clean"].sentence.detach()), **TOL)
+    assert_close(loss.bank_adv.rows[rows], written(before[1][rows], expected["sentence"]), **TOL)
+    untouched = torch.ones(len(DATASET_LABELS), dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(loss.bank_orig.rows[untouched], before[0][untouched])
+    assert torch.equal(loss.bank_adv.rows[untouched], before[1][untouched])
+    zero_grads(bert)
