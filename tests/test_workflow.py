@@ -162,3 +162,15 @@ def test_smoke_dag_runs_end_to_end(tmp_path: Path, raw_dir: Path) -> None:
 
     again = snakemake("-n", *args, cwd=tmp_path)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
+
+
+def test_quick_config_plans_every_table_and_figure(raw_dir: Path) -> None:
+    """`make quick`'s plan: 2 datasets x 5 methods x 2 seeds, attacks on AG's News only, samples from SST-2."""
+    result = snakemake("-n", "--forceall", "--profile", "profiles/quick", "--configfile", "config/quick.yaml",
+                       "--config", f"raw_dir={raw_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert job_counts(output) == {"prepare": 2, "train": 20, "attack": 10, "samples": 4, "table2": 1, "table7": 1,
+                                  "robustness_tables": 1, "figures": 1, "all": 1, "total": 41}
+    assert {w[0] for w in planned_wildcards(output, "attack")} == {"ag_news"}
+    assert "results/quick/tables/table6_samples.md" in output

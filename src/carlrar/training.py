@@ -357,7 +357,7 @@ def _train(
         for mname, module in modules.items():
             module.load_state_dict(state["modules"][mname])
         _restore_optimizer(optimizer, state["optimizer"])
-        scheduler.load_state_dict({k: v for k, v in json.loads(state["scheduler"]).items()})
+        scheduler.load_state_dict(json.loads(state["scheduler"]))
         _restore_rng(state["rng"][str(collective.rank)], device)
         log.info("resumed %s at step %d (epoch %d, batch %d)", run_dir, progress.step, progress.epoch, progress.batch_in_epoch)
 

@@ -141,8 +141,11 @@ ROBUSTNESS_TABLES = ["table4_representation", "table5_robustness"]
 FIGURE_NAMES = ["robustness_vs_epsilon", "representation_distance", "learning_curves"]
 
 
+ATTACKED = [d for d in DATASETS if config["analysis"]["datasets"] is None or d in config["analysis"]["datasets"]]
+
+
 def attack_summaries():
-    return [f"{RESULTS}/attacks/{d}/{m}/seed{s}/summary.json" for d in DATASETS for m in METHODS for s in SEEDS]
+    return [f"{RESULTS}/attacks/{d}/{m}/seed{s}/summary.json" for d in ATTACKED for m in METHODS for s in SEEDS]
 
 
 def sample_reports():
