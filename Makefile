@@ -12,6 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.carlrar-installed
 
 QUICK_CORES ?= 2
+SNAKEMAKE_ARGS ?=
 
 .PHONY: setup quick test test-slow clean-venv
 
@@ -27,9 +28,10 @@ $(STAMP): pyproject.toml
 
 # The quick CPU reproduction: MiniLM-L6, SST-2 and AG's News samples, all five methods, 2 seeds, attacks,
 # every table and figure under results/quick/ (see config/quick.yaml). Raw data from RAW_DIR, else the hub.
+# SNAKEMAKE_ARGS passes more options, e.g. `make quick SNAKEMAKE_ARGS=-n` for the plan only.
 quick: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/quick --cores $(QUICK_CORES) \
-		--configfile config/quick.yaml --config raw_dir="$(abspath $(RAW_DIR))"
+		--configfile config/quick.yaml --config raw_dir="$(abspath $(RAW_DIR))" $(SNAKEMAKE_ARGS)
 
 # The default suite (under 10 minutes on 2 cores); test-slow adds the long end-to-end checks (DVC, report).
 test: setup
