@@ -14,7 +14,7 @@ STAMP := $(VENV)/.carlrar-installed
 QUICK_CORES ?= 2
 SNAKEMAKE_ARGS ?=
 
-.PHONY: setup quick test test-slow clean-venv
+.PHONY: setup quick test test-slow lint clean-venv
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ test: setup
 
 test-slow: setup
 	RAW_DIR="$(abspath $(RAW_DIR))" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks workflow/scripts
+	$(BIN)/ruff format --check src tests benchmarks workflow/scripts
 
 clean-venv:
 	rm -rf $(VENV)

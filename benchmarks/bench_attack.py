@@ -44,8 +44,9 @@ def main() -> None:
     model.to(device).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, model.config.vocab_size, (args.batch_size, args.length), generator=g)
-    batch = Batch(ids, torch.ones_like(ids), torch.randint(0, 2, (args.batch_size,), generator=g),
-                  torch.arange(args.batch_size)).to(device)
+    batch = Batch(
+        ids, torch.ones_like(ids), torch.randint(0, 2, (args.batch_size,), generator=g), torch.arange(args.batch_size)
+    ).to(device)
 
     def attack(steps: int) -> None:
         pgd_attack(model, batch, args.epsilon, steps, generator=torch.Generator().manual_seed(0), amp_dtype=amp_dtype)
@@ -58,15 +59,22 @@ def main() -> None:
         attack(args.steps)
     seconds = (time.perf_counter() - started) / args.repeats
     result = {
-        "model": args.model, "device": str(device), "autocast": str(amp_dtype) if amp_dtype else None,
-        "threads": torch.get_num_threads(), "batch_size": args.batch_size, "length": args.length, "steps": args.steps,
+        "model": args.model,
+        "device": str(device),
+        "autocast": str(amp_dtype) if amp_dtype else None,
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "length": args.length,
+        "steps": args.steps,
         "seconds_per_attack": round(seconds, 3),
         "examples_per_second": round(args.batch_size / seconds, 2),
         "examples_per_second_per_step": round(args.batch_size * args.steps / seconds, 2),
     }
-    print(f"k-PGD on {device}: {result['examples_per_second_per_step']} examples/s per PGD step "
-          f"({result['examples_per_second']} examples/s for k = {args.steps}, {seconds:.2f} s per batch of "
-          f"{args.batch_size} x {args.length})")
+    print(
+        f"k-PGD on {device}: {result['examples_per_second_per_step']} examples/s per PGD step "
+        f"({result['examples_per_second']} examples/s for k = {args.steps}, {seconds:.2f} s per batch of "
+        f"{args.batch_size} x {args.length})"
+    )
     print(json.dumps(result))
 
 

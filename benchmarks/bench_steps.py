@@ -68,13 +68,22 @@ RUNTIME_NOTE = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=RUNTIME_NOTE,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=RUNTIME_NOTE,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
-    p.add_argument("--albert", default=str(ROOT.parent / "shared" / "albert"),
-                   help="folder with albert-base-v2's config.json and tokenizer (weights are random)")
-    p.add_argument("--raw-dir", default=os.environ.get("RAW_DIR", str(ROOT.parent / "shared" / "data")),
-                   help="folder holding sst2/train.tsv (default: $RAW_DIR or ../shared/data)")
+    p.add_argument(
+        "--albert",
+        default=str(ROOT.parent / "shared" / "albert"),
+        help="folder with albert-base-v2's config.json and tokenizer (weights are random)",
+    )
+    p.add_argument(
+        "--raw-dir",
+        default=os.environ.get("RAW_DIR", str(ROOT.parent / "shared" / "data")),
+        help="folder holding sst2/train.tsv (default: $RAW_DIR or ../shared/data)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64, help="tokens per example in the ALBERT case")
     p.add_argument("--adv-steps", type=int, default=2, help="FreeLB K (SST-2: 2)")
@@ -84,25 +93,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negatives", type=int, default=16_000, help="CARL's m")
     p.add_argument("--rar-weight", type=float, default=0.1)
     p.add_argument("--albert-rounds", type=int, default=2, help="timed rounds (one step per method) for ALBERT")
-    p.add_argument("--albert-warmup", type=int, default=0,
-                   help="full-size warm-up rounds for ALBERT (a short-batch warm-up step always runs)")
+    p.add_argument(
+        "--albert-warmup",
+        type=int,
+        default=0,
+        help="full-size warm-up rounds for ALBERT (a short-batch warm-up step always runs)",
+    )
     p.add_argument("--minilm-rounds", type=int, default=8, help="timed rounds for MiniLM")
     p.add_argument("--minilm-warmup", type=int, default=2)
     p.add_argument("--mem-m", default="1000,2000,4000,8000,16000", help="m values of the memory sweep")
     p.add_argument("--mem-batches", default="8,32", help="batch sizes of the memory sweep")
-    p.add_argument("--mem-classes", default="2,4",
-                   help="class counts of the memory sweep (the extra ones at the largest m only)")
+    p.add_argument(
+        "--mem-classes", default="2,4", help="class counts of the memory sweep (the extra ones at the largest m only)"
+    )
     p.add_argument("--mem-dim", type=int, default=768, help="representation size in the memory sweep (ALBERT: 768)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: albert, minilm, memory")
-    p.add_argument("--quick", action="store_true",
-                   help="under a minute on 2 idle CPU cores: ALBERT batch 8 x 16 tokens, 1 timed round, 3 MiniLM "
-                        "rounds, m in 1000,4000,16000")
-    p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
-                   help="bf16 autocast (auto: on for CUDA, as in training; never on CPU)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="under a minute on 2 idle CPU cores: ALBERT batch 8 x 16 tokens, 1 timed round, 3 MiniLM "
+        "rounds, m in 1000,4000,16000",
+    )
+    p.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "off"],
+        default="auto",
+        help="bf16 autocast (auto: on for CUDA, as in training; never on CPU)",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write all figures to this JSON file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice, one per core); 1 is steadier on a loaded machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice, one per core); 1 is steadier on a loaded machine",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.seq_len = min(args.batch_size, 8), min(args.seq_len, 16)
@@ -153,12 +178,19 @@ class Method:
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5)
 
 
-def build_methods(model: TextClassifier, model_name: str, labels: Tensor, args: argparse.Namespace,
-                  device: torch.device) -> dict[str, Method]:
-    freelb = FreeLB(FreeLBConfig(init_mag=args.init_mag, adv_lr=args.adv_lr, adv_max_norm=0.0,
-                                 adv_steps=args.adv_steps, norm_type="l2"))
-    carl = CARLObjective(prefilled_carl(labels, model.config.hidden_size, args.negatives, device, args.seed),
-                         start_step=0, bank_start_step=0)  # loss on, banks written every step
+def build_methods(
+    model: TextClassifier, model_name: str, labels: Tensor, args: argparse.Namespace, device: torch.device
+) -> dict[str, Method]:
+    freelb = FreeLB(
+        FreeLBConfig(
+            init_mag=args.init_mag, adv_lr=args.adv_lr, adv_max_norm=0.0, adv_steps=args.adv_steps, norm_type="l2"
+        )
+    )
+    carl = CARLObjective(
+        prefilled_carl(labels, model.config.hidden_size, args.negatives, device, args.seed),
+        start_step=0,
+        bank_start_step=0,
+    )  # loss on, banks written every step
     logging.getLogger("carlrar.reconstruction").setLevel(logging.ERROR)  # MiniLM has no pretrained MLM head
     rar = RARObjective(build_reconstructor(model, model_name), weight=args.rar_weight).to(device)
     return {
@@ -177,9 +209,17 @@ def train_step(model: TextClassifier, method: Method, batch: Batch, amp: torch.d
     return out.losses
 
 
-def time_methods(model: TextClassifier, methods: dict[str, Method], next_batch: Callable[[], Batch],
-                 warm_batch: Batch | None, warmup: int, rounds: int, device: torch.device,
-                 amp: torch.dtype | None, label: str) -> dict[str, dict[str, Any]]:
+def time_methods(
+    model: TextClassifier,
+    methods: dict[str, Method],
+    next_batch: Callable[[], Batch],
+    warm_batch: Batch | None,
+    warmup: int,
+    rounds: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    label: str,
+) -> dict[str, dict[str, Any]]:
     """Round-robin: every round runs one step of each method on the same batch; medians over timed rounds."""
     model.train()
     if warm_batch is not None:  # allocates optimizer states and warms the kernels at little cost
@@ -202,15 +242,26 @@ def time_methods(model: TextClassifier, methods: dict[str, Method], next_batch: 
             if r >= warmup:
                 times[name].append(elapsed)
                 cpu_times[name].append(elapsed_cpu)
-            print(f"  [{label}] round {r + 1}/{warmup + rounds}{' (warm-up)' if r < warmup else ''} "
-                  f"{name}: {elapsed:.2f} s (process CPU {elapsed_cpu:.2f} s)", file=sys.stderr, flush=True)
+            print(
+                f"  [{label}] round {r + 1}/{warmup + rounds}{' (warm-up)' if r < warmup else ''} "
+                f"{name}: {elapsed:.2f} s (process CPU {elapsed_cpu:.2f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         if r >= warmup:
             tokens.append(int(batch.attention_mask.sum()))
     assert "carl" not in methods or "carl" in losses["carl"], "CARL's loss was not active"
     return {
-        name: {"step_s": statistics.median(ts), "steps_timed": len(ts), "all_step_s": ts,
-               "min_step_s": min(ts), "cpu_s": statistics.median(cpu_times[name]), "all_cpu_s": cpu_times[name],
-               "samples_per_s": batch_size / statistics.median(ts), "losses": losses[name]}
+        name: {
+            "step_s": statistics.median(ts),
+            "steps_timed": len(ts),
+            "all_step_s": ts,
+            "min_step_s": min(ts),
+            "cpu_s": statistics.median(cpu_times[name]),
+            "all_cpu_s": cpu_times[name],
+            "samples_per_s": batch_size / statistics.median(ts),
+            "losses": losses[name],
+        }
         for name, ts in times.items()
     } | {"_tokens_per_batch": statistics.mean(tokens) if tokens else None}
 
@@ -218,12 +269,14 @@ def time_methods(model: TextClassifier, methods: dict[str, Method], next_batch: 
 def ratios(results: dict[str, dict], key: str = "step_s") -> dict[str, float]:
     """Step-time ratios (= inverse ratios of samples/second); key "cpu_s" for process-CPU-time ratios."""
     t = {name: results[name][key] for name in METHODS}
-    return {"freelb/base": t["freelb"] / t["base"], "carl/freelb": t["carl"] / t["freelb"],
-            "rar/freelb": t["rar"] / t["freelb"]}
+    return {
+        "freelb/base": t["freelb"] / t["base"],
+        "carl/freelb": t["carl"] / t["freelb"],
+        "rar/freelb": t["rar"] / t["freelb"],
+    }
 
 
-def time_carl_loss_alone(loss: CARLLoss, labels: Tensor, batch_size: int, device: torch.device,
-                         reps: int = 5) -> float:
+def time_carl_loss_alone(loss: CARLLoss, labels: Tensor, batch_size: int, device: torch.device, reps: int = 5) -> float:
     """Median seconds of L_D's forward + backward on live [batch, dim] views (bank gather, products, NCE)."""
     generator = torch.Generator().manual_seed(1)
     times = []
@@ -258,8 +311,17 @@ def albert_case(args: argparse.Namespace, device: torch.device, amp: torch.dtype
         ids[:, 0], ids[:, -1] = 2, 3  # [CLS] ... [SEP]
         return Batch(ids, torch.ones_like(ids), labels[rows], rows)
 
-    results = time_methods(model, methods, lambda: make_batch(args.batch_size, args.seq_len),
-                           make_batch(2, 8), args.albert_warmup, args.albert_rounds, device, amp, "albert")
+    results = time_methods(
+        model,
+        methods,
+        lambda: make_batch(args.batch_size, args.seq_len),
+        make_batch(2, 8),
+        args.albert_warmup,
+        args.albert_rounds,
+        device,
+        amp,
+        "albert",
+    )
     carl_loss = methods["carl"].auxiliaries[0].contrast
     results["_carl_loss_alone_s"] = time_carl_loss_alone(carl_loss, labels, args.batch_size, device)
     return results
@@ -271,8 +333,9 @@ def albert_case(args: argparse.Namespace, device: torch.device, amp: torch.dtype
 def read_sst2(raw_dir: Path) -> tuple[list[str], Tensor]:
     path = raw_dir / "sst2" / "train.tsv"
     if not path.is_file():
-        sys.exit(f"{path} not found: pass --raw-dir (or set RAW_DIR) to the folder holding sst2/train.tsv, "
-                 "or --skip minilm")
+        sys.exit(
+            f"{path} not found: pass --raw-dir (or set RAW_DIR) to the folder holding sst2/train.tsv, or --skip minilm"
+        )
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader)
@@ -302,10 +365,20 @@ def minilm_case(args: argparse.Namespace, device: torch.device, amp: torch.dtype
             ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
         return Batch(ids, mask, labels[rows], rows)
 
-    results = time_methods(model, methods, lambda: make_batch(args.batch_size), make_batch(2),
-                           args.minilm_warmup, args.minilm_rounds, device, amp, "minilm")
-    results["_carl_loss_alone_s"] = time_carl_loss_alone(methods["carl"].auxiliaries[0].contrast, labels,
-                                                         args.batch_size, device)
+    results = time_methods(
+        model,
+        methods,
+        lambda: make_batch(args.batch_size),
+        make_batch(2),
+        args.minilm_warmup,
+        args.minilm_rounds,
+        device,
+        amp,
+        "minilm",
+    )
+    results["_carl_loss_alone_s"] = time_carl_loss_alone(
+        methods["carl"].auxiliaries[0].contrast, labels, args.batch_size, device
+    )
     return results
 
 
@@ -378,15 +451,23 @@ def memory_sweep(args: argparse.Namespace, device: torch.device) -> list[dict[st
                 elapsed = time.perf_counter() - start
                 clean.grad = adv.grad = None
                 present = int(lab.unique().numel())
-                out.append({
-                    "classes": classes, "m": m, "batch": batch_size, "dim": dim,
-                    "peak_extra_mib": peak / MiB,
-                    "classes_m_dim_2banks_mib": 2 * present * m * dim * 4 / MiB,
-                    "batch_m_dim_2banks_mib": 2 * batch_size * m * dim * 4 / MiB,
-                    "seconds_incl_profiler": elapsed,
-                })
-                print(f"  [memory] classes {classes} m {m} batch {batch_size}: {peak / MiB:.1f} MiB",
-                      file=sys.stderr, flush=True)
+                out.append(
+                    {
+                        "classes": classes,
+                        "m": m,
+                        "batch": batch_size,
+                        "dim": dim,
+                        "peak_extra_mib": peak / MiB,
+                        "classes_m_dim_2banks_mib": 2 * present * m * dim * 4 / MiB,
+                        "batch_m_dim_2banks_mib": 2 * batch_size * m * dim * 4 / MiB,
+                        "seconds_incl_profiler": elapsed,
+                    }
+                )
+                print(
+                    f"  [memory] classes {classes} m {m} batch {batch_size}: {peak / MiB:.1f} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
             del loss
         del banks
     return out
@@ -396,27 +477,39 @@ def memory_sweep(args: argparse.Namespace, device: torch.device) -> list[dict[st
 
 
 def step_table(title: str, results: dict[str, Any]) -> str:
-    lines = [f"{title}",
-             f"{'method':<8} {'median step (s)':>15} {'samples/s':>10} {'fastest step (s)':>16} {'CPU (s)':>8}  losses"]
+    lines = [
+        f"{title}",
+        f"{'method':<8} {'median step (s)':>15} {'samples/s':>10} {'fastest step (s)':>16} {'CPU (s)':>8}  losses",
+    ]
     for name in METHODS:
         r = results[name]
         losses = ", ".join(f"{k} {v:.3f}" for k, v in r["losses"].items())
-        lines.append(f"{name:<8} {r['step_s']:>15.3f} {r['samples_per_s']:>10.2f} {r['min_step_s']:>16.3f} "
-                     f"{r['cpu_s']:>8.2f}  {losses}")
+        lines.append(
+            f"{name:<8} {r['step_s']:>15.3f} {r['samples_per_s']:>10.2f} {r['min_step_s']:>16.3f} "
+            f"{r['cpu_s']:>8.2f}  {losses}"
+        )
     for title_, key in (("median wall", "step_s"), ("fastest wall", "min_step_s"), ("median CPU", "cpu_s")):
-        lines.append(f"step-time ratios, {title_ + ':':<13} "
-                     + ", ".join(f"{k} {v:.3f}" for k, v in ratios(results, key).items()))
-    lines.append(f"L_D alone (forward+backward, m negatives): {results['_carl_loss_alone_s'] * 1000:.1f} ms "
-                 f"= {results['_carl_loss_alone_s'] / results['freelb']['step_s'] * 100:.2f}% of a freelb step")
+        lines.append(
+            f"step-time ratios, {title_ + ':':<13} "
+            + ", ".join(f"{k} {v:.3f}" for k, v in ratios(results, key).items())
+        )
+    lines.append(
+        f"L_D alone (forward+backward, m negatives): {results['_carl_loss_alone_s'] * 1000:.1f} ms "
+        f"= {results['_carl_loss_alone_s'] / results['freelb']['step_s'] * 100:.2f}% of a freelb step"
+    )
     return "\n".join(lines)
 
 
 def memory_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["Peak extra memory of L_D (forward+backward; banks excluded), MiB",
-             f"{'classes':>7} {'m':>6} {'batch':>5} {'measured':>9} {'2*C*m*dim*4B':>13} {'2*B*m*dim*4B':>13}"]
+    lines = [
+        "Peak extra memory of L_D (forward+backward; banks excluded), MiB",
+        f"{'classes':>7} {'m':>6} {'batch':>5} {'measured':>9} {'2*C*m*dim*4B':>13} {'2*B*m*dim*4B':>13}",
+    ]
     for r in rows:
-        lines.append(f"{r['classes']:>7} {r['m']:>6} {r['batch']:>5} {r['peak_extra_mib']:>9.1f} "
-                     f"{r['classes_m_dim_2banks_mib']:>13.1f} {r['batch_m_dim_2banks_mib']:>13.1f}")
+        lines.append(
+            f"{r['classes']:>7} {r['m']:>6} {r['batch']:>5} {r['peak_extra_mib']:>9.1f} "
+            f"{r['classes_m_dim_2banks_mib']:>13.1f} {r['batch_m_dim_2banks_mib']:>13.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -432,28 +525,44 @@ def main(argv: list[str] | None = None) -> int:
         amp = None  # autocast is CUDA-only in training (carlrar.adversary.autocast_context)
     started = time.perf_counter()
     report: dict[str, Any] = {
-        "machine": {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()},
-        "args": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
-                 for k, v in vars(args).items()},
+        "machine": {
+            "device": str(device),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "args": {
+            k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+        },
         "amp": str(amp),
     }
     sections = []
     if "albert" not in args.skip:
         res = albert_case(args, device, amp)
         report["albert"] = {**res, "ratios": ratios(res), "cpu_ratios": ratios(res, "cpu_s")}
-        sections.append(step_table(
-            f"(a) albert-base-v2 shape, random weights: batch {args.batch_size} x {args.seq_len} tokens, "
-            f"K={args.adv_steps}, banks {args.bank_rows} rows, m={args.negatives}, {args.albert_rounds} timed rounds",
-            res))
+        sections.append(
+            step_table(
+                f"(a) albert-base-v2 shape, random weights: batch {args.batch_size} x {args.seq_len} tokens, "
+                f"K={args.adv_steps}, banks {args.bank_rows} rows, m={args.negatives}, "
+                f"{args.albert_rounds} timed rounds",
+                res,
+            )
+        )
     if "minilm" not in args.skip:
         res = minilm_case(args, device, amp)
         report["minilm"] = {**res, "ratios": ratios(res), "cpu_ratios": ratios(res, "cpu_s")}
-        sections.append(step_table(
-            f"(b) minilm-l6 (real weights), real SST-2 batches of {args.batch_size} "
-            f"(mean {res['_tokens_per_batch']:.0f} real tokens/batch), banks {SST2_ROWS} rows, m={args.negatives}, "
-            f"{args.minilm_rounds} timed rounds", res))
+        sections.append(
+            step_table(
+                f"(b) minilm-l6 (real weights), real SST-2 batches of {args.batch_size} "
+                f"(mean {res['_tokens_per_batch']:.0f} real tokens/batch), banks {SST2_ROWS} rows, m={args.negatives}, "
+                f"{args.minilm_rounds} timed rounds",
+                res,
+            )
+        )
     if "memory" not in args.skip:
         rows = memory_sweep(args, device)
         report["memory"] = rows
@@ -461,8 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     report["total_seconds"] = time.perf_counter() - started
     m = report["machine"]
     where = m["gpu"] or f"{m['cpu_count']} CPUs, {m['torch_threads']} torch threads"
-    print(f"\ndevice {m['device']} ({where}), torch {m['torch']}, amp {report['amp']}, "
-          f"total {report['total_seconds']:.0f} s\n")
+    print(
+        f"\ndevice {m['device']} ({where}), torch {m['torch']}, amp {report['amp']}, "
+        f"total {report['total_seconds']:.0f} s\n"
+    )
     print("\n\n".join(sections))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,9 @@ LINF_PROJECTED = (0.05, 0.03, 0.04, 3, "linf")
 
 
 def freelb(init_mag: float, adv_lr: float, adv_max_norm: float, k: int, norm_type: str) -> FreeLB:
-    return FreeLB(FreeLBConfig(init_mag=init_mag, adv_lr=adv_lr, adv_max_norm=adv_max_norm, adv_steps=k,
-                               norm_type=norm_type))
+    return FreeLB(
+        FreeLBConfig(init_mag=init_mag, adv_lr=adv_lr, adv_max_norm=adv_max_norm, adv_steps=k, norm_type=norm_type)
+    )
 
 
 def tiny_model(name: str) -> TextClassifier:
@@ -122,8 +123,9 @@ def draw_delta0(shape: torch.Size, mask: Tensor, init_mag: float, norm_type: str
     return delta
 
 
-def ascent_step(delta: Tensor, grad: Tensor, mask: Tensor, adv_lr: float, adv_max_norm: float,
-                norm_type: str) -> tuple[Tensor, bool]:
+def ascent_step(
+    delta: Tensor, grad: Tensor, mask: Tensor, adv_lr: float, adv_max_norm: float, norm_type: str
+) -> tuple[Tensor, bool]:
     """SPEC 3 step 3 for t < K, example by example; also says whether a projection changed anything."""
     out = torch.zeros_like(delta)
     projected = False
@@ -145,8 +147,16 @@ def ascent_step(delta: Tensor, grad: Tensor, mask: Tensor, adv_lr: float, adv_ma
 Extra = Callable[[ClassifierOutput, ClassifierOutput | None], Tensor]
 
 
-def rederive(model: TextClassifier, batch: Batch, hp: tuple, seed: int, params: dict[str, nn.Parameter],
-             extra: Extra | None = None, clean_pass: bool = False, restore_rng: bool = True) -> dict:
+def rederive(
+    model: TextClassifier,
+    batch: Batch,
+    hp: tuple,
+    seed: int,
+    params: dict[str, nn.Parameter],
+    extra: Extra | None = None,
+    clean_pass: bool = False,
+    restore_rng: bool = True,
+) -> dict:
     """The accumulated gradient of one FreeLB step: sum over the K passes of grad(CE / K), aux on the last."""
     init_mag, adv_lr, adv_max_norm, k, norm_type = hp
     ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
@@ -183,8 +193,15 @@ def rederive(model: TextClassifier, batch: Batch, hp: tuple, seed: int, params: 
             delta, projected = ascent_step(delta, g_delta, mask, adv_lr, adv_max_norm, norm_type)
             projected_any |= projected
         last = out
-    return {"grads": total, "ce": sum(ce_values) / k, "projected": projected_any, "clean": clean,
-            "logits": last.logits.detach(), "sentence": last.sentence.detach(), "extra": extra_value}
+    return {
+        "grads": total,
+        "ce": sum(ce_values) / k,
+        "projected": projected_any,
+        "clean": clean,
+        "logits": last.logits.detach(),
+        "sentence": last.sentence.detach(),
+        "extra": extra_value,
+    }
 
 
 def assert_grads_equal(params: dict[str, nn.Parameter], expected: dict[str, Tensor], tol: dict = TOL) -> None:
@@ -367,14 +384,16 @@ def test_base_is_one_plain_backward(model: TextClassifier) -> None:
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     loss = F.cross_entropy(logits, batch.labels)
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    assert_grads_equal(params, {n: g if g is not None else torch.zeros_like(p)
-                                for (n, p), g in zip(params.items(), grads)})
+    assert_grads_equal(
+        params, {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(params.items(), grads)}
+    )
     assert out.losses == {"ce": pytest.approx(float(loss.detach()), rel=1e-6)}
     zero_grads(model)
     torch.manual_seed(5)
     adversarial_backward(model, batch, freelb(0.0, 0.1, 0.0, 1, "l2"))  # K = 1 from zero: no perturbation
-    assert_grads_equal(params, {n: g if g is not None else torch.zeros_like(p)
-                                for (n, p), g in zip(params.items(), grads)})
+    assert_grads_equal(
+        params, {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(params.items(), grads)}
+    )
     zero_grads(model)
 
 
@@ -386,8 +405,9 @@ def filled_carl(dim: int) -> CARLLoss:
     carl = CARLLoss(DATASET_LABELS, dim, negatives=3, seed=7)
     generator = torch.Generator().manual_seed(3)
     rows = torch.arange(len(DATASET_LABELS))
-    carl.update_banks(rows, torch.randn(len(rows), dim, generator=generator),
-                      torch.randn(len(rows), dim, generator=generator))
+    carl.update_banks(
+        rows, torch.randn(len(rows), dim, generator=generator), torch.randn(len(rows), dim, generator=generator)
+    )
     return carl
 
 

@@ -157,8 +157,12 @@ def test_unattacked_input_decodes_to_itself_through_a_copy_reconstructor() -> No
     reconstructor = build_reconstructor(model, "random:minilm-l6")
     sentences = ["the film is good.", "a bad plot, sadly", "it was fine", "what a wonderful cast!"]
     enc = tokenizer(sentences, padding=True, return_tensors="pt")
-    batch = Batch(enc["input_ids"], enc["attention_mask"], torch.zeros(len(sentences), dtype=torch.long),
-                  torch.arange(len(sentences)))
+    batch = Batch(
+        enc["input_ids"],
+        enc["attention_mask"],
+        torch.zeros(len(sentences), dtype=torch.long),
+        torch.arange(len(sentences)),
+    )
     real = batch.attention_mask.bool()
     params = {id(p): p for p in [*model.parameters(), *reconstructor.parameters()]}.values()
     optimizer = torch.optim.Adam(params, lr=1e-2)
@@ -196,10 +200,16 @@ def tiny_config(**training) -> dict:
         "data": {"seed": 3, "max_length": 16},
         "model": {"name": "random:minilm-l6", "overrides": TINY},
         "training": {"epochs": 3, "eval_every": 0, "eval_batch_size": 16, "learning_rate": 3e-3, **training},
-        "datasets": {"sst2": {"per_class": {"train": "all", "dev": "all", "test": 0}, "dev_source": "official",
-                              "evaluate": "dev", "batch_size": 8,
-                              "freelb": {"init_mag": 0.6, "adv_lr": 0.1, "adv_max_norm": 0.0, "adv_steps": 2},
-                              "carl": {"start_epoch": 1, "negatives": 5}}},
+        "datasets": {
+            "sst2": {
+                "per_class": {"train": "all", "dev": "all", "test": 0},
+                "dev_source": "official",
+                "evaluate": "dev",
+                "batch_size": 8,
+                "freelb": {"init_mag": 0.6, "adv_lr": 0.1, "adv_max_norm": 0.0, "adv_steps": 2},
+                "carl": {"start_epoch": 1, "negatives": 5},
+            }
+        },
     }
 
 
@@ -211,8 +221,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     nouns = ["film", "plot", "cast", "story", "score", "script", "ending", "pace"]
 
     def rows(n: int, offset: int) -> str:
-        lines = [f"a {'good' if i % 2 else 'bad'} {nouns[(i + offset) % 8]} {nouns[(i * 3 + offset) % 8]} \t{i % 2}"
-                 for i in range(n)]
+        lines = [
+            f"a {'good' if i % 2 else 'bad'} {nouns[(i + offset) % 8]} {nouns[(i * 3 + offset) % 8]} \t{i % 2}"
+            for i in range(n)
+        ]
         return "sentence\tlabel\n" + "\n".join(lines) + "\n"
 
     (root / "raw/sst2/train.tsv").write_text(rows(40, 0))
@@ -235,8 +247,15 @@ def test_attack_split_records_and_summary_agree(runs, tmp_path: Path) -> None:
     metrics = json.loads((base / "metrics.json").read_text())
     for eps, entry in on_disk["epsilons"].items():
         records = pd.read_parquet(tmp_path / f"out/records_eps{eps}.parquet")
-        assert list(records.columns) == ["row", "gold", "clean_pred", "attacked_pred", "perturbation_norm",
-                                         "cosine", "euclidean"]
+        assert list(records.columns) == [
+            "row",
+            "gold",
+            "clean_pred",
+            "attacked_pred",
+            "perturbation_norm",
+            "cosine",
+            "euclidean",
+        ]
         assert entry["n"] == len(records) == 16 and records["row"].tolist() == list(range(16))
         correct_after = int((records["attacked_pred"] == records["gold"]).sum())
         originally = records["clean_pred"] == records["gold"]
@@ -254,23 +273,82 @@ def test_attack_split_records_and_summary_agree(runs, tmp_path: Path) -> None:
 
 def test_text_samples_and_cli(runs, tmp_path: Path) -> None:
     data, base, rar = runs
-    assert main(["-q", "samples", "--run", str(rar), "--base-run", str(base), "--data", str(data),
-                 "--out", str(tmp_path / "samples.json"), "--epsilon", "0.5", "--steps", "3", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "samples",
+                "--run",
+                str(rar),
+                "--base-run",
+                str(base),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "samples.json"),
+                "--epsilon",
+                "0.5",
+                "--steps",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "samples.json").read_text())
     assert (report["dataset"], report["method"], report["seed"]) == ("sst2", "rar", 1)
     assert report["n_examples"] == 16 and report["n_changed"] == len(report["examples"])
     assert report["n_fool_base"] == sum(e["fools_base"] for e in report["examples"])
     for example in report["examples"]:
         assert example["decoded"] != example["original_decoded"]
-        assert example["fools_base"] == (example["base_pred_original"] == example["gold"] != example["base_pred_decoded"])
+        assert example["fools_base"] == (
+            example["base_pred_original"] == example["gold"] != example["base_pred_decoded"]
+        )
     # the same attack through the library gives the same report
     again = text_samples(rar, base, data, tmp_path / "again.json", epsilon=0.5, steps=3, device="cpu")
     assert again == report
     # a run without a reconstructor is refused with a one-line error
-    assert main(["-q", "samples", "--run", str(base), "--base-run", str(base), "--data", str(data),
-                 "--out", str(tmp_path / "x.json"), "--device", "cpu"]) == 2
-    assert main(["-q", "attack", "--run", str(base), "--data", str(data), "--out", str(tmp_path / "cli"),
-                 "--epsilons", "0.1", "--steps", "2", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "samples",
+                "--run",
+                str(base),
+                "--base-run",
+                str(base),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "x.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "-q",
+                "attack",
+                "--run",
+                str(base),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "cli"),
+                "--epsilons",
+                "0.1",
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "cli/records_eps0.1.parquet").is_file() and (tmp_path / "cli/summary.json").is_file()
 
 

@@ -32,15 +32,26 @@ def make_raw(root: Path, per_class: int = 12) -> Path:
     rng = random.Random(0)
     sst_rows = [f"sentence {i} is {'good' if i % 3 else 'bad'} \t{int(bool(i % 3))}" for i in range(3 * per_class)]
     write(root / "sst2/train.tsv", "sentence\tlabel\n" + "\n".join(sst_rows) + "\n")
-    write(root / "sst2/dev.tsv", "sentence\tlabel\nit 's \"quoted\" fine . \t1\nbad film . \t0\n")
+    write(root / "sst2/dev.tsv", 'sentence\tlabel\nit \'s "quoted" fine . \t1\nbad film . \t0\n')
     for split in ("train", "test"):
-        write(root / f"ag_news/{split}.csv",
-              zhang_csv([(c, f"Title {c}-{i}", f"Body {i}") for i in range(per_class) for c in (1, 2, 3, 4)]))
-        write(root / f"yelp_polarity/{split}.csv",
-              zhang_csv([(c, f"review {i} with ""quotes"" and, commas") for i in range(per_class) for c in (1, 2)]))
-        write(root / f"yahoo_answers/{split}.csv",
-              zhang_csv([(c, f"q{i}", "" if i % 2 else f"content {i}", f"answer {rng.random():.3f}")
-                         for i in range(per_class) for c in range(1, 11)]))
+        write(
+            root / f"ag_news/{split}.csv",
+            zhang_csv([(c, f"Title {c}-{i}", f"Body {i}") for i in range(per_class) for c in (1, 2, 3, 4)]),
+        )
+        write(
+            root / f"yelp_polarity/{split}.csv",
+            zhang_csv([(c, f"review {i} with quotes and, commas") for i in range(per_class) for c in (1, 2)]),
+        )
+        write(
+            root / f"yahoo_answers/{split}.csv",
+            zhang_csv(
+                [
+                    (c, f"q{i}", "" if i % 2 else f"content {i}", f"answer {rng.random():.3f}")
+                    for i in range(per_class)
+                    for c in range(1, 11)
+                ]
+            ),
+        )
     return root
 
 
@@ -108,7 +119,7 @@ def test_fields_are_joined_and_labels_remapped(tmp_path: Path, raw: Path) -> Non
 
 def test_label_text_csv_one_based_zero_based_and_names(tmp_path: Path) -> None:
     spec = DATASETS["ag_news"]
-    one = read_file(write(tmp_path / "a.csv", "label,text\n1,a\n4,\"b, c\"\n"), spec)
+    one = read_file(write(tmp_path / "a.csv", 'label,text\n1,a\n4,"b, c"\n'), spec)
     zero = read_file(write(tmp_path / "b.csv", "label,text\n0,a\n3,b\n"), spec)
     names = read_file(write(tmp_path / "c.csv", "label,text\nsports,a\nSci/Tech,b\n"), spec)
     assert one.labels == [0, 3] and one.texts == ["a", "b, c"]
@@ -148,16 +159,25 @@ def test_hub_rows_are_normalised_like_local_files(tmp_path: Path, monkeypatch: p
     import datasets
 
     fake = datasets.Dataset.from_dict(
-        {"question_title": ["t"] * 12, "question_content": [None] * 12, "best_answer": ["a"] * 12,
-         "topic": [i % 6 for i in range(12)]}
+        {
+            "question_title": ["t"] * 12,
+            "question_content": [None] * 12,
+            "best_answer": ["a"] * 12,
+            "topic": [i % 6 for i in range(12)],
+        }
     )
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda path, name, split: calls.append((path, split)) or fake)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     datasets_cfg = {"yahoo_answers": {"per_class": {"train": 1, "dev": 1, "test": 2}}}
-    manifest = prepare_dataset(load_config(config(tmp_path, datasets_cfg)), "yahoo_answers", tmp_path / "none", tmp_path / "o")
-    assert calls == [("community-datasets/yahoo_answers_topics", "train"), ("community-datasets/yahoo_answers_topics", "test")]
+    manifest = prepare_dataset(
+        load_config(config(tmp_path, datasets_cfg)), "yahoo_answers", tmp_path / "none", tmp_path / "o"
+    )
+    assert calls == [
+        ("community-datasets/yahoo_answers_topics", "train"),
+        ("community-datasets/yahoo_answers_topics", "test"),
+    ]
     assert manifest["splits"]["test"]["label_counts"] == [2] * 5
     assert set(read_split(tmp_path / "o", "train").text) == {"t a"}
 
@@ -179,22 +199,37 @@ BAD_INPUTS = {
     "empty text": ("ag_news/train.csv", '"1","title","desc"\n"2"," ",""\n', r"train.csv:2: empty text"),
     "undecodable text": ("ag_news/train.csv", b'"1","caf\xe9","x"\n', r"train.csv:1: not UTF-8"),
     "unknown label": ("ag_news/train.csv", '"1","a","b"\n"7","a","b"\n', r"train.csv:2: unknown label '7'"),
-    "class too small": ("ag_news/train.csv", zhang_csv([(c, "t", f"d{i}") for i in range(8) for c in (1, 2, 3, 4)]),
-                        r"class 0 'World' has 8 rows .* but 9 were asked per class \(dev 3 \+ train 6\)"),
+    "class too small": (
+        "ag_news/train.csv",
+        zhang_csv([(c, "t", f"d{i}") for i in range(8) for c in (1, 2, 3, 4)]),
+        r"class 0 'World' has 8 rows .* but 9 were asked per class \(dev 3 \+ train 6\)",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_one_line_error_and_no_output(tmp_path: Path, raw: Path, case: str,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_one_line_error_and_no_output(
+    tmp_path: Path, raw: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     relative, content, pattern = BAD_INPUTS[case]
     if content is None:
         (raw / relative).unlink()
     else:
         write(raw / relative, content)
     out = tmp_path / "out"
-    code = main(["prepare", "--config", str(config(tmp_path, {"ag_news": SMALL["ag_news"]})),
-                 "--dataset", "ag_news", "--raw-dir", str(raw), "--out", str(out)])
+    code = main(
+        [
+            "prepare",
+            "--config",
+            str(config(tmp_path, {"ag_news": SMALL["ag_news"]})),
+            "--dataset",
+            "ag_news",
+            "--raw-dir",
+            str(raw),
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -247,8 +282,9 @@ def test_real_sst2_paper_config(tmp_path: Path, raw_dir: Path, paper_config_path
 
 
 def test_real_ag_news_test_complete_and_partial_train(tmp_path: Path, raw_dir: Path) -> None:
-    too_many = {"ag_news": {"per_class": {"train": 15000, "dev": 500, "test": "all"},
-                            "files": {"train": "train_partial.csv"}}}
+    too_many = {
+        "ag_news": {"per_class": {"train": 15000, "dev": 500, "test": "all"}, "files": {"train": "train_partial.csv"}}
+    }
     with pytest.raises(DataError, match=r"class 0 'World' has 10,679 rows in ag_news/train_partial.csv, but 15,500"):
         prepare_dataset(load_config(config(tmp_path, too_many)), "ag_news", raw_dir, tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -47,7 +47,11 @@ RANK_SCRIPT = textwrap.dedent(
 def torchrun(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
-        cwd=tmp_path, capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -84,8 +88,9 @@ def test_torchrun_trains_with_two_cpu_ranks(tmp_path: Path) -> None:
     (raw / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     (raw / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:8]) + "\n")
     config = tmp_path / "config.yaml"
-    config.write_text(textwrap.dedent(
-        """
+    config.write_text(
+        textwrap.dedent(
+            """
         data: {seed: 1, max_length: 16}
         model:
           name: random:minilm-l6
@@ -100,14 +105,46 @@ def test_torchrun_trains_with_two_cpu_ranks(tmp_path: Path) -> None:
             freelb: {init_mag: 0.6, adv_lr: 0.1, adv_max_norm: 0.0, adv_steps: 2}
             carl: {start_epoch: 2, negatives: 4}
         """
-    ))
+        )
+    )
     from carlrar.cli import main
 
-    assert main(["prepare", "--config", str(config), "--dataset", "sst2", "--raw-dir", str(tmp_path / "raw"),
-                 "--out", str(tmp_path / "data")]) == 0
-    result = torchrun(tmp_path, "-m", "carlrar.cli", "train", "--config", str(config), "--dataset", "sst2",
-                      "--method", "carl", "--seed", "1", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
-                      "--device", "cpu")
+    assert (
+        main(
+            [
+                "prepare",
+                "--config",
+                str(config),
+                "--dataset",
+                "sst2",
+                "--raw-dir",
+                str(tmp_path / "raw"),
+                "--out",
+                str(tmp_path / "data"),
+            ]
+        )
+        == 0
+    )
+    result = torchrun(
+        tmp_path,
+        "-m",
+        "carlrar.cli",
+        "train",
+        "--config",
+        str(config),
+        "--dataset",
+        "sst2",
+        "--method",
+        "carl",
+        "--seed",
+        "1",
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 9 and len(metrics["history"]) == 3

@@ -28,8 +28,9 @@ def env() -> dict[str, str]:
 
 
 def run(*command: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(command), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return subprocess.run(
+        list(command), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def dvc(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess[str]:
@@ -51,11 +52,16 @@ def make_repo(dest: Path, params: dict) -> Path:
         source = ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest / name)
     # the stages depend on the package's sources (the workflow runs the installed package, with the same code)
-    shutil.copytree(ROOT / "src" / "carlrar", dest / "src" / "carlrar",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        ROOT / "src" / "carlrar", dest / "src" / "carlrar", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for command in (["git", "init", "-q"], ["git", "config", "user.email", "test@example.org"],
-                    ["git", "config", "user.name", "test"], ["git", "config", "commit.gpgsign", "false"]):
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "test@example.org"],
+        ["git", "config", "user.name", "test"],
+        ["git", "config", "commit.gpgsign", "false"],
+    ):
         assert run(*command, cwd=dest).returncode == 0
     init = dvc("init", "-q", cwd=dest)
     assert init.returncode == 0, init.stderr
@@ -88,8 +94,10 @@ def test_dvc_yaml_tracks_folders_and_keeps_checkpoints() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     assert list(stages) == ["prepare", "workflow", "summary"]
     assert stages["prepare"]["outs"] == ["data/processed/${run.name}"]
-    outs = {next(iter(o)) if isinstance(o, dict) else o: (o[next(iter(o))] if isinstance(o, dict) else {})
-            for o in stages["workflow"]["outs"]}
+    outs = {
+        next(iter(o)) if isinstance(o, dict) else o: (o[next(iter(o))] if isinstance(o, dict) else {})
+        for o in stages["workflow"]["outs"]
+    }
     for name in ("runs", "attacks", "samples"):  # else DVC deletes them before a rerun and everything retrains
         assert outs[f"results/${{run.name}}/{name}"].get("persist") is True
     assert "results/${run.name}/tables" in outs and "results/${run.name}/figures" in outs  # whole folders
@@ -120,12 +128,16 @@ def test_stage_helper_summarises_every_table(tmp_path: Path) -> None:
     tables.mkdir(parents=True)
     (tables / "table2_accuracy.csv").write_text(
         "dataset,method,seeds,mean,std,delta_vs_freelb\nsst2,base,2,91.50,0.20,-0.30\nsst2,freelb,2,91.80,0.10,0.00\n"
-        "ag_news,base,2,93.10,0.40,\n")  # no FreeLB run on ag_news: no delta
+        "ag_news,base,2,93.10,0.40,\n"
+    )  # no FreeLB run on ag_news: no delta
     (tables / "table5_robustness.csv").write_text(
-        "dataset,method,epsilon,attacked_accuracy_mean\nsst2,base,0.02,80.0\nsst2,base,0.1,40.0\n")
+        "dataset,method,epsilon,attacked_accuracy_mean\nsst2,base,0.02,80.0\nsst2,base,0.1,40.0\n"
+    )
     (tables / "table6_samples.csv").write_text(
         "dataset,method,original,adversarial\nsst2,rar,"
-        + "a long sentence that is free text and no key " * 2 + ",another sentence\n")
+        + "a long sentence that is free text and no key " * 2
+        + ",another sentence\n"
+    )
     params = {"run": {"config": "config/smoke.yaml", "name": "smoke", "raw_dir": "data/raw"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = run(sys.executable, str(STAGE_HELPER), "summary", cwd=tmp_path)
@@ -137,7 +149,7 @@ def test_stage_helper_summarises_every_table(tmp_path: Path) -> None:
     assert "table6_samples" not in summary  # free text is no metric
 
 
-# --- dvc repro on the smoke config -------------------------------------------------------------------------------------
+# --- dvc repro on the smoke config ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_dvc_repro_builds_the_smoke_tables_then_is_up_to_date(tmp_path: Path, raw_dir: Path) -> None:
     repo = make_repo(tmp_path / "repo", smoke_params(raw_dir))
@@ -158,7 +170,8 @@ def test_dvc_repro_builds_the_smoke_tables_then_is_up_to_date(tmp_path: Path, ra
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert {o["path"] for o in lock["prepare"]["outs"]} == {"data/processed/smoke"}
     assert {"results/smoke/runs", "results/smoke/tables", "results/smoke/figures"} <= {
-        o["path"] for o in lock["workflow"]["outs"]}
+        o["path"] for o in lock["workflow"]["outs"]
+    }
     # checkpoints and prepared data are in the DVC cache (pushable); tables are small and go to git
     assert (repo / ".dvc" / "cache").is_dir()
     for path in ("data/processed/smoke", "results/smoke/runs", "results/smoke/figures"):
@@ -198,7 +211,8 @@ def test_dvc_repro_builds_the_smoke_tables_then_is_up_to_date(tmp_path: Path, ra
     assert pull.returncode == 0, pull.stderr
     assert (clone / "results/smoke/runs/sst2/base/seed1/metrics.json").is_file()
     assert (clone / "results/smoke/tables/table2_accuracy.csv").read_text() == (
-        results / "tables/table2_accuracy.csv").read_text()
+        results / "tables/table2_accuracy.csv"
+    ).read_text()
     args = ("--profile", "profiles/quick", "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
     touch = snakemake("--touch", *args, cwd=clone)
     assert touch.returncode == 0, touch.stderr[-3000:]

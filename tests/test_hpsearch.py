@@ -31,8 +31,10 @@ def test_trial_ids_and_overrides() -> None:
     trial = Trial(init_mag=0.6, adv_lr=0.1, adv_max_norm=0.0, adv_steps=2)
     assert trial.id == "g0.6-a0.1-e0-n2"
     assert trial.overrides("sst2") == [
-        "datasets.sst2.freelb.init_mag=0.6", "datasets.sst2.freelb.adv_lr=0.1",
-        "datasets.sst2.freelb.adv_max_norm=0.0", "datasets.sst2.freelb.adv_steps=2",
+        "datasets.sst2.freelb.init_mag=0.6",
+        "datasets.sst2.freelb.adv_lr=0.1",
+        "datasets.sst2.freelb.adv_max_norm=0.0",
+        "datasets.sst2.freelb.adv_steps=2",
     ]
     assert trial.overrides("ag_news", epochs=1.5)[-1] == "training.epochs=1.5"
     # the overrides reach the config through carlrar train's --set, so they must load as these exact values
@@ -51,8 +53,14 @@ def test_default_grid_is_coarse_and_inside_the_bounds() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value", "bound"),
-    [("init_mag", 0.9, "[0, 0.8]"), ("adv_lr", 0.005, "[0.01, 0.2]"), ("adv_lr", 0.25, "[0.01, 0.2]"),
-     ("adv_max_norm", 0.6, "[0, 0.5]"), ("adv_steps", 5, "[2, 4]"), ("adv_steps", 1, "[2, 4]")],
+    [
+        ("init_mag", 0.9, "[0, 0.8]"),
+        ("adv_lr", 0.005, "[0.01, 0.2]"),
+        ("adv_lr", 0.25, "[0.01, 0.2]"),
+        ("adv_max_norm", 0.6, "[0, 0.5]"),
+        ("adv_steps", 5, "[2, 4]"),
+        ("adv_steps", 1, "[2, 4]"),
+    ],
 )
 def test_out_of_bounds_value_is_named_with_its_bound(key: str, value: float, bound: str) -> None:
     grid = {"init_mag": [0.0], "adv_lr": [0.1], "adv_max_norm": [0.0], "adv_steps": [2]}
@@ -76,24 +84,40 @@ def _run(tmp: Path, dataset: str, trial: Trial, seed: int, accuracy: float, meth
     path = tmp / "hpsearch" / dataset / trial.id / f"seed{seed}" / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     freelb = {**trial.values(), "norm_type": "l2"}
-    path.write_text(json.dumps({"dataset": dataset, "method": method, "seed": seed, "dev_accuracy": accuracy,
-                                "test_accuracy": None, "config": {"dataset": {"freelb": freelb}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "dataset": dataset,
+                "method": method,
+                "seed": seed,
+                "dev_accuracy": accuracy,
+                "test_accuracy": None,
+                "config": {"dataset": {"freelb": freelb}},
+            }
+        )
+    )
     return path
 
 
-A = Trial(0.0, 0.1, 0.0, 3)   # best mean on sst2, alone
+A = Trial(0.0, 0.1, 0.0, 3)  # best mean on sst2, alone
 B = Trial(0.4, 0.1, 0.0, 2)
 C = Trial(0.8, 0.01, 0.0, 2)  # ties B on sst2: B wins (same steps, smaller init_mag)
-D = Trial(0.0, 0.2, 0.5, 4)   # ties E on ag_news: E wins (fewer steps)
+D = Trial(0.0, 0.2, 0.5, 4)  # ties E on ag_news: E wins (fewer steps)
 E = Trial(0.8, 0.2, 0.5, 3)
 
 
 @pytest.fixture
 def trial_metrics(tmp_path: Path) -> list[Path]:
-    runs = [("sst2", A, 1, 0.90), ("sst2", A, 2, 0.86),          # mean 88
-            ("sst2", B, 1, 0.85), ("sst2", B, 2, 0.87),          # mean 86
-            ("sst2", C, 2, 0.84), ("sst2", C, 1, 0.88),          # mean 86 (seeds in the other order)
-            ("ag_news", D, 1, 0.70), ("ag_news", E, 1, 0.70)]
+    runs = [
+        ("sst2", A, 1, 0.90),
+        ("sst2", A, 2, 0.86),  # mean 88
+        ("sst2", B, 1, 0.85),
+        ("sst2", B, 2, 0.87),  # mean 86
+        ("sst2", C, 2, 0.84),
+        ("sst2", C, 1, 0.88),  # mean 86 (seeds in the other order)
+        ("ag_news", D, 1, 0.70),
+        ("ag_news", E, 1, 0.70),
+    ]
     return [_run(tmp_path, *run) for run in runs]
 
 
@@ -115,7 +139,9 @@ def test_selection_files_merge_into_a_valid_config(trial_metrics: list[Path], tm
     combined = yaml.safe_load((out / "freelb_best.yaml").read_text())
     assert combined == {"datasets": {"sst2": {"freelb": A.values()}, "ag_news": {"freelb": E.values()}}}
     assert yaml.safe_load((out / "sst2" / "best.yaml").read_text()) == {"datasets": {"sst2": {"freelb": A.values()}}}
-    assert yaml.safe_load((out / "ag_news" / "best.yaml").read_text()) == {"datasets": {"ag_news": {"freelb": E.values()}}}
+    assert yaml.safe_load((out / "ag_news" / "best.yaml").read_text()) == {
+        "datasets": {"ag_news": {"freelb": E.values()}}
+    }
     assert "# sst2: trial g0-a0.1-e0-n3, dev accuracy 88.00 %" in (out / "freelb_best.yaml").read_text()
 
     # merged over the smoke config as Snakemake merges --configfile files: the result validates and applies
@@ -136,7 +162,12 @@ def test_cli_hpsearch_select(trial_metrics: list[Path], tmp_path: Path, capsys: 
     out = tmp_path / "cli"
     assert main(["-q", "hpsearch-select", "--metrics", *map(str, trial_metrics), "--out-dir", str(out)]) == 0
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "ag_news/best.yaml", "freelb_best.yaml", "sst2/best.yaml", "trials.csv", "trials.md"]
+        "ag_news/best.yaml",
+        "freelb_best.yaml",
+        "sst2/best.yaml",
+        "trials.csv",
+        "trials.md",
+    ]
 
     duplicate = _run(tmp_path / "again", "sst2", A, 1, 0.5)
     assert main(["hpsearch-select", "--metrics", *map(str, trial_metrics), str(duplicate), "--out-dir", str(out)]) == 2
@@ -158,8 +189,9 @@ def snakemake(*args: str) -> subprocess.CompletedProcess[str]:
     exe = BIN / "snakemake"
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "snakemake"]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
+    return subprocess.run(
+        [*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def _search_config(tmp_path: Path, grid: dict) -> Path:
@@ -175,11 +207,13 @@ def _search_config(tmp_path: Path, grid: dict) -> Path:
 def test_dry_run_plans_one_training_job_per_dataset_trial_and_seed(tmp_path: Path, raw_dir: Path) -> None:
     grid = {"init_mag": [0.0, 0.4], "adv_lr": [0.05], "adv_max_norm": [0.0], "adv_steps": [2, 3]}
     path = _search_config(tmp_path, grid)
-    result = snakemake("-n", "-p", "--forceall", "hpsearch", "--configfile", str(path), "--config", f"raw_dir={raw_dir}")
+    result = snakemake(
+        "-n", "-p", "--forceall", "hpsearch", "--configfile", str(path), "--config", f"raw_dir={raw_dir}"
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
 
-    table = output[output.index("Job stats:"):]
+    table = output[output.index("Job stats:") :]
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M)}
     assert counts == {"prepare": 2, "hpsearch_train": 16, "hpsearch_select": 1, "hpsearch": 1, "total": 20}
 

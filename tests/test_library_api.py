@@ -15,8 +15,9 @@ def test_readme_loop_trains_with_freelb_carl_and_rar() -> None:
     texts = ["a good film", "a bad film", "good acting", "bad plot", "so good", "so bad"] * 2
     train_labels = torch.tensor([1, 0] * 6)
     freelb = carlrar.FreeLB(carlrar.FreeLBConfig(init_mag=0.6, adv_lr=0.1, adv_max_norm=0.0, adv_steps=2))
-    carl = carlrar.CARLObjective(carlrar.CARLLoss(train_labels, model.config.hidden_size, negatives=4),
-                                 start_step=3, bank_start_step=0)
+    carl = carlrar.CARLObjective(
+        carlrar.CARLLoss(train_labels, model.config.hidden_size, negatives=4), start_step=3, bank_start_step=0
+    )
     rar = carlrar.RARObjective(carlrar.build_reconstructor(model, "random:minilm-l6"), weight=0.1)
     params = carlrar.parameters_of(model, [carl, rar])
     optimizer = torch.optim.AdamW(params, lr=1e-3)

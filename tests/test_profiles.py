@@ -31,8 +31,9 @@ MACHINE_PROFILES = ("gpu", "quick", "slurm")
 SMOKE_JOBS = {"prepare": 1, "train": 4, "table2": 1, "table7": 1, "all": 1}
 
 
-def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 120, path_prefix: str = "",
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def snakemake(
+    *args: str, cwd: Path = ROOT, timeout: int = 120, path_prefix: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     exe = BIN / "snakemake"
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "snakemake"]
     env = {**os.environ, **(env or {}), "PATH": f"{path_prefix}{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -49,7 +50,7 @@ def load_profile(name: str) -> dict:
 
 
 def job_counts(output: str) -> dict[str, int]:
-    table = output[output.index("Job stats:"):]
+    table = output[output.index("Job stats:") :]
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M)}
 
 
@@ -80,8 +81,18 @@ def test_every_profile_folder_has_a_config() -> None:
 def test_default_profile_is_machine_neutral() -> None:
     """profiles/default wins over --profile key by key, so it must not set anything a machine profile sets."""
     default = load_profile("default")
-    machine_keys = {"cores", "jobs", "resources", "executor", "latency-wait", "default-resources",
-                    "set-resources", "set-threads", "local-cores", "retries"}
+    machine_keys = {
+        "cores",
+        "jobs",
+        "resources",
+        "executor",
+        "latency-wait",
+        "default-resources",
+        "set-resources",
+        "set-threads",
+        "local-cores",
+        "retries",
+    }
     assert not set(default) & machine_keys
     for name in MACHINE_PROFILES:
         assert not set(default) & set(load_profile(name)), name
@@ -121,8 +132,16 @@ def test_slurm_profile_has_no_local_gpu_cap_and_plugin_safe_resources() -> None:
 # --- dry runs --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("profile", MACHINE_PROFILES)
 def test_profile_dry_run_plans_the_smoke_jobs(profile: str, raw_dir: Path) -> None:
-    result = snakemake("-n", "--forceall", "--profile", f"profiles/{profile}",
-                       "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
+    result = snakemake(
+        "-n",
+        "--forceall",
+        "--profile",
+        f"profiles/{profile}",
+        "--configfile",
+        "config/smoke.yaml",
+        "--config",
+        f"raw_dir={raw_dir}",
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert f"Using profiles profiles/{profile} and workflow specific profile profiles/default" in output
@@ -136,8 +155,13 @@ def test_profile_dry_run_plans_the_smoke_jobs(profile: str, raw_dir: Path) -> No
     else:
         assert "gpu=1" in train
     if profile == "slurm":
-        for item in ("slurm_partition=<your-gpu-partition>", "slurm_account=<your-account>", "cpus_per_gpu=4",
-                     "mem_mb=32000", "runtime=720"):
+        for item in (
+            "slurm_partition=<your-gpu-partition>",
+            "slurm_account=<your-account>",
+            "cpus_per_gpu=4",
+            "mem_mb=32000",
+            "runtime=720",
+        ):
             assert item in train, train
         (prepare,) = job_resources(output, "prepare")
         assert "slurm_partition=<your-partition>" in prepare and "gpu" not in prepare
@@ -161,16 +185,21 @@ def test_slurm_profile_submits_gpu_and_cpu_jobs(tmp_path: Path, raw_dir: Path) -
     copy_workflow(work)
     profile = work / "profiles/slurm/config.yaml"  # fill the placeholders as a user would
     text = profile.read_text()
-    for placeholder, value in (("<your-gpu-partition>", "gpupart"), ("<your-partition>", "cpupart"),
-                               ("<your-account>", "testacct")):
+    for placeholder, value in (
+        ("<your-gpu-partition>", "gpupart"),
+        ("<your-partition>", "cpupart"),
+        ("<your-account>", "testacct"),
+    ):
         text = text.replace(placeholder, value)
     profile.write_text(text)
     fake = tmp_path / "bin"
     fake.mkdir()
-    scripts = {"sbatch": FAKE_SBATCH.format(python=sys.executable),
-               "sacct": "#!/bin/sh\necho '4242|FAILED'\n",  # every job "fails" at once: nothing is run
-               "scontrol": "#!/bin/sh\necho 'MaxArraySize = 1001'\n",
-               "sacctmgr": "#!/bin/sh\necho testacct\n"}
+    scripts = {
+        "sbatch": FAKE_SBATCH.format(python=sys.executable),
+        "sacct": "#!/bin/sh\necho '4242|FAILED'\n",  # every job "fails" at once: nothing is run
+        "scontrol": "#!/bin/sh\necho 'MaxArraySize = 1001'\n",
+        "sacctmgr": "#!/bin/sh\necho testacct\n",
+    }
     for name in ("squeue", "sinfo", "scancel", "sshare"):
         scripts[name] = "#!/bin/sh\nexit 0\n"
     for name, body in scripts.items():
@@ -182,9 +211,22 @@ def test_slurm_profile_submits_gpu_and_cpu_jobs(tmp_path: Path, raw_dir: Path) -
     processed.mkdir(parents=True)
     for name in ("train.parquet", "dev.parquet", "test.parquet", "manifest.json"):
         (processed / name).touch()
-    common = ("--profile", "profiles/slurm", "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}",
-              "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1",
-              "--retries", "0", "--latency-wait", "0")
+    common = (
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        "config/smoke.yaml",
+        "--config",
+        f"raw_dir={raw_dir}",
+        "--slurm-init-seconds-before-status-checks",
+        "1",
+        "--seconds-between-status-checks",
+        "1",
+        "--retries",
+        "0",
+        "--latency-wait",
+        "0",
+    )
     fake_slurm = {"cwd": work, "path_prefix": f"{fake}{os.pathsep}", "env": {"FAKE_SLURM_LOG": str(log)}}
     snakemake(*common, "--", "results/smoke/runs/sst2/base/seed1/metrics.json", **fake_slurm)
     snakemake(*common, "--forcerun", "prepare", "--", "data/processed/smoke/sst2/manifest.json", **fake_slurm)

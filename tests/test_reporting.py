@@ -28,10 +28,21 @@ SPLIT = {"sst2": "dev", "ag_news": "test", "yelp_polarity": "test", "yahoo_answe
 
 def metrics_file(root: Path, dataset: str, method: str, seed: int, accuracy: float, **changes) -> Path:
     metrics = {
-        "dataset": dataset, "method": method, "seed": seed, "evaluated_split": SPLIT[dataset],
-        "dev_accuracy": accuracy, "test_accuracy": None if dataset == "sst2" else accuracy,
-        "eval_accuracy": accuracy, "params": 1000, "steps": 10, "train_seconds": 1.0, "samples_per_second": 5.0,
-        "history": [], "config": {}, "versions": {}, "data": {},
+        "dataset": dataset,
+        "method": method,
+        "seed": seed,
+        "evaluated_split": SPLIT[dataset],
+        "dev_accuracy": accuracy,
+        "test_accuracy": None if dataset == "sst2" else accuracy,
+        "eval_accuracy": accuracy,
+        "params": 1000,
+        "steps": 10,
+        "train_seconds": 1.0,
+        "samples_per_second": 5.0,
+        "history": [],
+        "config": {},
+        "versions": {},
+        "data": {},
     }
     metrics.update(changes)
     for key in [k for k, v in changes.items() if v is DROP]:
@@ -65,8 +76,13 @@ def test_table2_numbers_and_layout(tmp_path: Path) -> None:
 
     assert list(frame.columns) == ["dataset", "method", "seeds", "mean", "std", "delta_vs_freelb"]
     assert list(zip(frame["dataset"], frame["method"])) == [
-        ("sst2", "base"), ("sst2", "freelb"), ("sst2", "carl"),
-        ("ag_news", "base"), ("ag_news", "freelb"), ("ag_news", "carl"), ("ag_news", "rar"),
+        ("sst2", "base"),
+        ("sst2", "freelb"),
+        ("sst2", "carl"),
+        ("ag_news", "base"),
+        ("ag_news", "freelb"),
+        ("ag_news", "carl"),
+        ("ag_news", "rar"),
     ]
     for row in frame.itertuples():
         mean, std, delta = expected(row.dataset, row.method)
@@ -84,8 +100,10 @@ def test_table2_numbers_and_layout(tmp_path: Path) -> None:
     md = prefix.with_suffix(".md").read_text()
     lines = md.splitlines()
     assert lines[0].index("SST-2") < lines[0].index("AG's News")
-    order = [next(i for i, line in enumerate(lines) if line.startswith(f"| {name} "))
-             for name in ("Base (fine-tuning)", "FreeLB", "CARL", "RAR")]
+    order = [
+        next(i for i, line in enumerate(lines) if line.startswith(f"| {name} "))
+        for name in ("Base (fine-tuning)", "FreeLB", "CARL", "RAR")
+    ]
     assert order == sorted(order)
     mean, std, delta = expected("ag_news", "carl")
     assert f"{mean:.2f} ± {std:.2f} ({delta:+.2f})" in md
@@ -174,7 +192,9 @@ def test_table7_counts_parameters_per_method_and_dataset(tmp_path: Path) -> None
         for method, extra in (("base", 0), ("freelb", 0), ("carl", 0), ("rar", 128_688)):
             for seed in (1, 2):
                 path = tmp_path / f"{dataset}-{method}-{seed}.json"
-                path.write_text(json.dumps({"dataset": dataset, "method": method, "seed": seed, "params": base + extra}))
+                path.write_text(
+                    json.dumps({"dataset": dataset, "method": method, "seed": seed, "params": base + extra})
+                )
                 paths.append(path)
     frame = write_table7(paths, tmp_path / "t7")
     assert frame.loc[frame.method == "rar", "extra_vs_base"].tolist() == [128_688, 128_688]
@@ -189,12 +209,26 @@ def test_table7_counts_parameters_per_method_and_dataset(tmp_path: Path) -> None
 
 def _summary(path: Path, dataset: str, method: str, seed: int, by_eps: dict[float, tuple[float, float, float]]) -> Path:
     """An attack summary as 'carlrar attack' writes it: eps -> (attacked accuracy, cosine, euclidean)."""
-    path.write_text(json.dumps({
-        "dataset": dataset, "method": method, "seed": seed,
-        "epsilons": {f"{eps:g}": {"epsilon": eps, "clean_accuracy": 0.9, "attacked_accuracy": acc,
-                                  "attack_success_rate": (0.9 - acc) / 0.9, "mean_cosine": cos, "mean_euclidean": euc}
-                     for eps, (acc, cos, euc) in by_eps.items()},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "dataset": dataset,
+                "method": method,
+                "seed": seed,
+                "epsilons": {
+                    f"{eps:g}": {
+                        "epsilon": eps,
+                        "clean_accuracy": 0.9,
+                        "attacked_accuracy": acc,
+                        "attack_success_rate": (0.9 - acc) / 0.9,
+                        "mean_cosine": cos,
+                        "mean_euclidean": euc,
+                    }
+                    for eps, (acc, cos, euc) in by_eps.items()
+                },
+            }
+        )
+    )
     return path
 
 
@@ -202,9 +236,16 @@ def test_tables_4_and_5_and_figures_from_attack_summaries(tmp_path: Path) -> Non
     from carlrar.reporting import write_figures, write_table4, write_table5
 
     values = {("freelb", 1): 0.70, ("freelb", 2): 0.74, ("carl", 1): 0.80, ("carl", 2): 0.78}
-    paths = [_summary(tmp_path / f"{m}{s}.json", "ag_news", m, s,
-                      {0.1: (acc, acc + 0.1, 5 - acc), 0.075: (acc + 0.05, acc + 0.15, 4 - acc)})
-             for (m, s), acc in values.items()]
+    paths = [
+        _summary(
+            tmp_path / f"{m}{s}.json",
+            "ag_news",
+            m,
+            s,
+            {0.1: (acc, acc + 0.1, 5 - acc), 0.075: (acc + 0.05, acc + 0.15, 4 - acc)},
+        )
+        for (m, s), acc in values.items()
+    ]
     table5 = write_table5(paths, tmp_path / "t5")
     row = table5[(table5.method == "carl") & (table5.epsilon == 0.1)].iloc[0]
     assert row["attacked_accuracy_mean"] == pytest.approx(79.0)
@@ -220,12 +261,23 @@ def test_tables_4_and_5_and_figures_from_attack_summaries(tmp_path: Path) -> Non
     metrics = []
     for (m, s), acc in values.items():
         path = tmp_path / f"metrics-{m}{s}.json"
-        path.write_text(json.dumps({"dataset": "ag_news", "method": m, "seed": s,
-                                    "history": [{"epoch": 1.0, "dev_accuracy": acc}, {"epoch": 2.0, "dev_accuracy": acc + 0.1}]}))
+        path.write_text(
+            json.dumps(
+                {
+                    "dataset": "ag_news",
+                    "method": m,
+                    "seed": s,
+                    "history": [{"epoch": 1.0, "dev_accuracy": acc}, {"epoch": 2.0, "dev_accuracy": acc + 0.1}],
+                }
+            )
+        )
         metrics.append(path)
     written = write_figures(metrics, paths, tmp_path / "figures")
     assert sorted(p.name for p in written) == sorted(
-        f"{n}.{e}" for n in ("robustness_vs_epsilon", "representation_distance", "learning_curves") for e in ("pdf", "png"))
+        f"{n}.{e}"
+        for n in ("robustness_vs_epsilon", "representation_distance", "learning_curves")
+        for e in ("pdf", "png")
+    )
     with pytest.raises(CarlrarError, match="two attack summaries"):
         write_table5([*paths, paths[0]], tmp_path / "dup")
 
@@ -233,12 +285,29 @@ def test_tables_4_and_5_and_figures_from_attack_summaries(tmp_path: Path) -> Non
 def test_table6_counts_and_examples(tmp_path: Path) -> None:
     from carlrar.reporting import write_table6
 
-    example = {"original": "a fine film", "decoded": "a fined film", "gold": 1, "base_pred_original": 1,
-               "base_pred_decoded": 0, "fools_base": True}
+    example = {
+        "original": "a fine film",
+        "decoded": "a fined film",
+        "gold": 1,
+        "base_pred_original": 1,
+        "base_pred_decoded": 0,
+        "fools_base": True,
+    }
     path = tmp_path / "rar1.json"
-    path.write_text(json.dumps({"dataset": "sst2", "method": "rar", "seed": 1, "label_names": ["negative", "positive"],
-                                "n_examples": 10, "n_changed": 4, "n_fool_base": 1,
-                                "examples": [example, {**example, "fools_base": False}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "dataset": "sst2",
+                "method": "rar",
+                "seed": 1,
+                "label_names": ["negative", "positive"],
+                "n_examples": 10,
+                "n_changed": 4,
+                "n_fool_base": 1,
+                "examples": [example, {**example, "fools_base": False}],
+            }
+        )
+    )
     counts = write_table6([path], tmp_path / "t6")
     assert counts[["examples", "changed", "fool_base"]].values.tolist() == [[10, 4, 1]]
     markdown = (tmp_path / "t6.md").read_text()

@@ -30,12 +30,24 @@ def tiny_config(**training_overrides) -> dict:
         "run_name": "t",
         "data": {"seed": 3, "max_length": 16},
         "model": TINY_MODEL,
-        "training": {"epochs": 4, "eval_every": 0, "eval_batch_size": 16, "learning_rate": 3e-3,
-                     "checkpoint_every": 3, **training_overrides},
-        "datasets": {"sst2": {"per_class": {"train": "all", "dev": "all", "test": 0}, "dev_source": "official",
-                              "evaluate": "dev", "batch_size": 8,
-                              "freelb": {"init_mag": 0.6, "adv_lr": 0.1, "adv_max_norm": 0.0, "adv_steps": 2},
-                              "carl": {"start_epoch": 1, "negatives": 5}}},
+        "training": {
+            "epochs": 4,
+            "eval_every": 0,
+            "eval_batch_size": 16,
+            "learning_rate": 3e-3,
+            "checkpoint_every": 3,
+            **training_overrides,
+        },
+        "datasets": {
+            "sst2": {
+                "per_class": {"train": "all", "dev": "all", "test": 0},
+                "dev_source": "official",
+                "evaluate": "dev",
+                "batch_size": 8,
+                "freelb": {"init_mag": 0.6, "adv_lr": 0.1, "adv_max_norm": 0.0, "adv_steps": 2},
+                "carl": {"start_epoch": 1, "negatives": 5},
+            }
+        },
     }
 
 
@@ -49,7 +61,9 @@ def learnable_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = random.Random(0)
 
     def rows(n: int) -> str:
-        lines = [f"a {rng.choice(nouns)} so {'good' if i % 2 else 'bad'} {rng.choice(nouns)} \t{i % 2}" for i in range(n)]
+        lines = [
+            f"a {rng.choice(nouns)} so {'good' if i % 2 else 'bad'} {rng.choice(nouns)} \t{i % 2}" for i in range(n)
+        ]
         return "sentence\tlabel\n" + "\n".join(lines) + "\n"
 
     (root / "sst2/train.tsv").write_text(rows(40))
@@ -67,11 +81,25 @@ def test_base_learns_a_learnable_task(tmp_path: Path, learnable_data: Path) -> N
 
 
 def test_metrics_record_config_versions_and_data(tmp_path: Path, learnable_data: Path) -> None:
-    metrics = train(from_mapping(tiny_config(epochs=1)), "sst2", "freelb", 2, learnable_data, tmp_path / "r", "cpu").metrics
+    metrics = train(
+        from_mapping(tiny_config(epochs=1)), "sst2", "freelb", 2, learnable_data, tmp_path / "r", "cpu"
+    ).metrics
     on_disk = json.loads((tmp_path / "r/metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
-    for key in ("dev_accuracy", "test_accuracy", "eval_accuracy", "evaluated_split", "params", "steps",
-                "train_seconds", "samples_per_second", "history", "config", "versions", "data"):
+    for key in (
+        "dev_accuracy",
+        "test_accuracy",
+        "eval_accuracy",
+        "evaluated_split",
+        "params",
+        "steps",
+        "train_seconds",
+        "samples_per_second",
+        "history",
+        "config",
+        "versions",
+        "data",
+    ):
         assert key in on_disk, key
     manifest = json.loads((learnable_data / "manifest.json").read_text())
     assert on_disk["data"]["splits"]["train"] == manifest["splits"]["train"]["sha256"]
@@ -89,8 +117,9 @@ class _Killed(Exception):
 
 
 @pytest.mark.parametrize("method", ["base", "freelb", "carl", "rar"])
-def test_killed_run_resumes_to_identical_metrics(tmp_path: Path, learnable_data: Path, method: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_run_resumes_to_identical_metrics(
+    tmp_path: Path, learnable_data: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = from_mapping(tiny_config(epochs=3))
     reference = train(config, "sst2", method, 7, learnable_data, tmp_path / "reference", "cpu").metrics
 
@@ -151,8 +180,23 @@ def test_carl_with_too_few_negatives_fails_at_start(tmp_path: Path, learnable_da
 def test_missing_data_is_one_clear_error(tmp_path: Path) -> None:
     from carlrar.cli import main
 
-    code = main(["train", "--config", "config/smoke.yaml", "--dataset", "sst2", "--method", "base", "--seed", "1",
-                 "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")])
+    code = main(
+        [
+            "train",
+            "--config",
+            "config/smoke.yaml",
+            "--dataset",
+            "sst2",
+            "--method",
+            "base",
+            "--seed",
+            "1",
+            "--data",
+            str(tmp_path / "nothing"),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 2
 
 
@@ -171,10 +215,14 @@ def test_each_job_leases_a_different_gpu(tmp_path: Path) -> None:
 
 def test_lease_held_by_another_process_is_skipped(tmp_path: Path) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from filelock import FileLock; "
-         f"l = FileLock(r'{tmp_path / 'gpu-3.lock'}'); l.acquire(); print('held', flush=True); time.sleep(30)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock; "
+            f"l = FileLock(r'{tmp_path / 'gpu-3.lock'}'); l.acquire(); print('held', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"

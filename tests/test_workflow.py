@@ -34,7 +34,7 @@ def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 120) -> subprocess.Co
 
 def job_counts(output: str) -> dict[str, int]:
     """The 'Job stats' table of a (dry) run: rule name -> number of jobs."""
-    table = output[output.index("Job stats:"):]
+    table = output[output.index("Job stats:") :]
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M)}
 
 
@@ -57,8 +57,18 @@ def test_paper_config_plans_the_full_grid(raw_dir: Path, paper_config_path: Path
     datasets, methods, seeds = list(paper["datasets"]), paper["training"]["methods"], paper["training"]["seeds"]
     assert (len(datasets), len(methods), len(seeds)) == (4, 5, 3)
 
-    assert job_counts(output) == {"prepare": 4, "train": 60, "attack": 60, "samples": 6, "table2": 1, "table7": 1,
-                                  "robustness_tables": 1, "figures": 1, "all": 1, "total": 135}
+    assert job_counts(output) == {
+        "prepare": 4,
+        "train": 60,
+        "attack": 60,
+        "samples": 6,
+        "table2": 1,
+        "table7": 1,
+        "robustness_tables": 1,
+        "figures": 1,
+        "all": 1,
+        "total": 135,
+    }
     assert planned_wildcards(output, "prepare") == {(d,) for d in datasets}
     assert planned_wildcards(output, "train") == {(d, m, str(s)) for d in datasets for m in methods for s in seeds}
     assert "results/paper/tables/table2_accuracy.md" in output
@@ -70,8 +80,17 @@ def test_command_line_configfile_replaces_the_paper_config(raw_dir: Path) -> Non
     result = snakemake("-n", "--forceall", "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
-    assert job_counts(output) == {"prepare": 1, "train": 4, "attack": 4, "table2": 1, "table7": 1,
-                                  "robustness_tables": 1, "figures": 1, "all": 1, "total": 14}
+    assert job_counts(output) == {
+        "prepare": 1,
+        "train": 4,
+        "attack": 4,
+        "table2": 1,
+        "table7": 1,
+        "robustness_tables": 1,
+        "figures": 1,
+        "all": 1,
+        "total": 14,
+    }
     assert planned_wildcards(output, "train") == {("sst2", m, s) for m in ("base", "freelb") for s in ("1", "2")}
     assert "results/smoke/tables/table2_accuracy.csv" in output
 
@@ -99,11 +118,24 @@ def test_smoke_config_is_valid() -> None:
     ("change", "message"),
     [
         ({"training": {"learning_rat": 0.1}}, r"config key 'training'.*'learning_rat' was unexpected"),
-        ({"datasets": {"sst2": {"per_class": {"train": 4, "dev": 2, "test": 0}, "dev_source": "official",
-                                "evaluate": "dev", "batch_sise": 8}}}, r"'datasets\.sst2'.*'batch_sise'"),
+        (
+            {
+                "datasets": {
+                    "sst2": {
+                        "per_class": {"train": 4, "dev": 2, "test": 0},
+                        "dev_source": "official",
+                        "evaluate": "dev",
+                        "batch_sise": 8,
+                    }
+                }
+            },
+            r"'datasets\.sst2'.*'batch_sise'",
+        ),
         ({"training": {"methods": ["base", "fgm"]}}, r"'training\.methods\.1': 'fgm' is not allowed"),
-        ({"datasets": {"ag_news": {"per_class": {"train": 4, "dev": 2, "test": 2}, "dev_source": "official"}}},
-         r"'datasets\.ag_news\.dev_source': 'official' exists only for sst2"),
+        (
+            {"datasets": {"ag_news": {"per_class": {"train": 4, "dev": 2, "test": 2}, "dev_source": "official"}}},
+            r"'datasets\.ag_news\.dev_source': 'official' exists only for sst2",
+        ),
     ],
 )
 def test_invalid_config_fails_naming_the_key(tmp_path: Path, change: dict, message: str) -> None:
@@ -166,11 +198,29 @@ def test_smoke_dag_runs_end_to_end(tmp_path: Path, raw_dir: Path) -> None:
 
 def test_quick_config_plans_every_table_and_figure(raw_dir: Path) -> None:
     """`make quick`'s plan: 2 datasets x 5 methods x 2 seeds, attacks on AG's News only, samples from SST-2."""
-    result = snakemake("-n", "--forceall", "--profile", "profiles/quick", "--configfile", "config/quick.yaml",
-                       "--config", f"raw_dir={raw_dir}")
+    result = snakemake(
+        "-n",
+        "--forceall",
+        "--profile",
+        "profiles/quick",
+        "--configfile",
+        "config/quick.yaml",
+        "--config",
+        f"raw_dir={raw_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
-    assert job_counts(output) == {"prepare": 2, "train": 20, "attack": 10, "samples": 4, "table2": 1, "table7": 1,
-                                  "robustness_tables": 1, "figures": 1, "all": 1, "total": 41}
+    assert job_counts(output) == {
+        "prepare": 2,
+        "train": 20,
+        "attack": 10,
+        "samples": 4,
+        "table2": 1,
+        "table7": 1,
+        "robustness_tables": 1,
+        "figures": 1,
+        "all": 1,
+        "total": 41,
+    }
     assert {w[0] for w in planned_wildcards(output, "attack")} == {"ag_news"}
     assert "results/quick/tables/table6_samples.md" in output

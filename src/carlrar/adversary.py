@@ -32,7 +32,9 @@ class Batch:
     indices: Tensor
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels, self.indices)))
+        return Batch(
+            *(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels, self.indices))
+        )
 
 
 @dataclass
@@ -195,7 +197,9 @@ def adversarial_backward(
     return StepOutput(logits=views.adversarial.logits.detach(), losses={k: v.item() for k, v in losses.items()})
 
 
-def parameters_of(model: nn.Module, auxiliaries: tuple[AuxiliaryLoss, ...] | list[AuxiliaryLoss] = ()) -> list[nn.Parameter]:
+def parameters_of(
+    model: nn.Module, auxiliaries: tuple[AuxiliaryLoss, ...] | list[AuxiliaryLoss] = ()
+) -> list[nn.Parameter]:
     """Trainable parameters of the model and of auxiliary modules (RAR's head), tied weights once.
 
     RAR's decoder weight is the model's embedding matrix; an optimizer given both modules' parameters

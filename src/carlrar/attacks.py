@@ -198,8 +198,9 @@ def _check_data(metrics: dict[str, Any], manifest: dict[str, Any], data_dir: Pat
     trained = (metrics.get("data") or {}).get("splits", {}).get(split)
     prepared = manifest["splits"].get(split, {}).get("sha256")
     if trained and prepared and trained != prepared:
-        log.warning("%s/%s.parquet differs from the %s split the run was evaluated on (sha256 mismatch)",
-                    data_dir, split, split)
+        log.warning(
+            "%s/%s.parquet differs from the %s split the run was evaluated on (sha256 mismatch)", data_dir, split, split
+        )
 
 
 def summarize(records: pd.DataFrame) -> dict[str, Any]:
@@ -278,38 +279,64 @@ def attack_split(
             "run_dir": str(run_dir),
             "data_dir": str(data_dir),
             "split": split,
-            "attack": {"name": "k-PGD", "norm": "l2", "space": "raw word embeddings", "steps": steps,
-                       "step_size_ratio": step_size_ratio, "random_start": "uniform in the l2 ball",
-                       "loss": "cross-entropy on the gold label (untargeted)", "seed": seed,
-                       "batch_size": batch_size, "device": str(dev),
-                       "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else None},
+            "attack": {
+                "name": "k-PGD",
+                "norm": "l2",
+                "space": "raw word embeddings",
+                "steps": steps,
+                "step_size_ratio": step_size_ratio,
+                "random_start": "uniform in the l2 ball",
+                "loss": "cross-entropy on the gold label (untargeted)",
+                "seed": seed,
+                "batch_size": batch_size,
+                "device": str(dev),
+                "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
+            },
             "epsilons": {},
         }
         rows = torch.arange(len(encoded))
         for epsilon in epsilons:
             generator = torch.Generator().manual_seed(seed)
             parts: list[dict[str, Any]] = []
-            bar = tqdm(total=len(encoded), desc=f"k-PGD eps={_eps_name(epsilon)}", unit="ex", dynamic_ncols=True,
-                       disable=None)
+            bar = tqdm(
+                total=len(encoded), desc=f"k-PGD eps={_eps_name(epsilon)}", unit="ex", dynamic_ncols=True, disable=None
+            )
             for batch in batches(encoded, rows, batch_size, pad_id):
                 batch = batch.to(dev)
-                result = pgd_attack(run.model, batch, epsilon, steps, step_size_ratio * epsilon, generator,
-                                    amp_dtype=amp_dtype)
-                parts.append({
-                    "row": batch.indices.cpu(), "gold": result.labels.cpu(), "clean_pred": result.clean_pred.cpu(),
-                    "attacked_pred": result.attacked_pred.cpu(), "perturbation_norm": result.perturbation_norm.cpu(),
-                    "cosine": result.cosine.cpu(), "euclidean": result.euclidean.cpu(),
-                })
+                result = pgd_attack(
+                    run.model, batch, epsilon, steps, step_size_ratio * epsilon, generator, amp_dtype=amp_dtype
+                )
+                parts.append(
+                    {
+                        "row": batch.indices.cpu(),
+                        "gold": result.labels.cpu(),
+                        "clean_pred": result.clean_pred.cpu(),
+                        "attacked_pred": result.attacked_pred.cpu(),
+                        "perturbation_norm": result.perturbation_norm.cpu(),
+                        "cosine": result.cosine.cpu(),
+                        "euclidean": result.euclidean.cpu(),
+                    }
+                )
                 bar.update(len(batch.labels))
             bar.close()
             records = pd.DataFrame({key: torch.cat([p[key] for p in parts]).numpy() for key in parts[0]})
             _write_parquet(records, records_path(out_dir, epsilon))
-            entry = {"epsilon": epsilon, "step_size": step_size_ratio * epsilon, **summarize(records),
-                     "records": records_path(out_dir, epsilon).name}
+            entry = {
+                "epsilon": epsilon,
+                "step_size": step_size_ratio * epsilon,
+                **summarize(records),
+                "records": records_path(out_dir, epsilon).name,
+            }
             summary["epsilons"][_eps_name(epsilon)] = entry
-            log.info("eps=%s: accuracy %.4f -> %.4f under attack (success rate %.4f), cosine %.4f, euclidean %.4f",
-                     _eps_name(epsilon), entry["clean_accuracy"], entry["attacked_accuracy"],
-                     _nan(entry["attack_success_rate"]), entry["mean_cosine"], entry["mean_euclidean"])
+            log.info(
+                "eps=%s: accuracy %.4f -> %.4f under attack (success rate %.4f), cosine %.4f, euclidean %.4f",
+                _eps_name(epsilon),
+                entry["clean_accuracy"],
+                entry["attacked_accuracy"],
+                _nan(entry["attack_success_rate"]),
+                entry["mean_cosine"],
+                entry["mean_euclidean"],
+            )
         write_json(out_dir / "summary.json", summary)
         return summary
     finally:
@@ -321,16 +348,19 @@ def attack_split(
 
 
 @torch.no_grad()
-def _predict_texts(run: Any, texts: list[str], max_length: int, batch_size: int, device: torch.device,
-                   amp_dtype: torch.dtype | None) -> Tensor:
+def _predict_texts(
+    run: Any, texts: list[str], max_length: int, batch_size: int, device: torch.device, amp_dtype: torch.dtype | None
+) -> Tensor:
     tokenizer = run.tokenizer
     predictions = []
     for first in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[first : first + batch_size], truncation=True, max_length=max_length, padding=True,
-                        return_tensors="pt")
+        enc = tokenizer(
+            texts[first : first + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
         with autocast_context(device, amp_dtype):
-            logits = run.model(input_ids=enc["input_ids"].to(device),
-                               attention_mask=enc["attention_mask"].to(device)).logits
+            logits = run.model(
+                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
+            ).logits
         predictions.append(logits.argmax(-1).cpu())
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
 
@@ -372,8 +402,9 @@ def text_samples(
         _check_data(rar.metrics, manifest, data_dir, split)
         _check_data(base.metrics, manifest, data_dir, split)
         if rar.metrics.get("seed") != base.metrics.get("seed"):
-            log.warning("the RAR run has seed %s but the base run seed %s", rar.metrics.get("seed"),
-                        base.metrics.get("seed"))
+            log.warning(
+                "the RAR run has seed %s but the base run seed %s", rar.metrics.get("seed"), base.metrics.get("seed")
+            )
         amp_dtype = torch.bfloat16 if dev.type == "cuda" else None
         tokenizer = rar.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -384,16 +415,30 @@ def text_samples(
         decoded: list[str] = []
         rar_clean: list[Tensor] = []
         rar_attacked: list[Tensor] = []
-        for batch in tqdm(list(batches(encoded, torch.arange(len(encoded)), batch_size, pad_id)),
-                          desc=f"k-PGD + reconstruction eps={_eps_name(epsilon)}", unit="batch", disable=None):
+        for batch in tqdm(
+            list(batches(encoded, torch.arange(len(encoded)), batch_size, pad_id)),
+            desc=f"k-PGD + reconstruction eps={_eps_name(epsilon)}",
+            unit="batch",
+            disable=None,
+        ):
             batch = batch.to(dev)
-            result = pgd_attack(rar.model, batch, epsilon, steps, step_size_ratio * epsilon, generator,
-                                return_tokens=True, amp_dtype=amp_dtype)
+            result = pgd_attack(
+                rar.model,
+                batch,
+                epsilon,
+                steps,
+                step_size_ratio * epsilon,
+                generator,
+                return_tokens=True,
+                amp_dtype=amp_dtype,
+            )
             with torch.no_grad(), autocast_context(dev, amp_dtype):
                 logits = rar.reconstructor(result.attacked_tokens)
             decoded += decode_argmax(logits.float(), batch.attention_mask, tokenizer)
-            originals += [tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
-                          for row, m in zip(batch.input_ids, batch.attention_mask.bool())]
+            originals += [
+                tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
+                for row, m in zip(batch.input_ids, batch.attention_mask.bool())
+            ]
             rar_clean.append(result.clean_pred.cpu())
             rar_attacked.append(result.attacked_pred.cpu())
         changed = [i for i, (a, b) in enumerate(zip(originals, decoded)) if a != b]
@@ -407,22 +452,43 @@ def text_samples(
         for k, i in enumerate(changed):
             gold = int(encoded.labels[i])
             po, pd_ = int(base_original[k]), int(base_decoded[k])
-            examples.append({
-                "row": i, "original": texts[i], "original_decoded": originals[i], "decoded": decoded[i],
-                "gold": gold, "base_pred_original": po, "base_pred_decoded": pd_,
-                "fools_base": po == gold and pd_ != gold,
-                "rar_pred_clean": int(clean_pred[i]), "rar_pred_attacked": int(attacked_pred[i]),
-            })
+            examples.append(
+                {
+                    "row": i,
+                    "original": texts[i],
+                    "original_decoded": originals[i],
+                    "decoded": decoded[i],
+                    "gold": gold,
+                    "base_pred_original": po,
+                    "base_pred_decoded": pd_,
+                    "fools_base": po == gold and pd_ != gold,
+                    "rar_pred_clean": int(clean_pred[i]),
+                    "rar_pred_attacked": int(attacked_pred[i]),
+                }
+            )
         report = {
-            "dataset": rar.metrics.get("dataset", manifest.get("dataset")), "split": split,
-            "method": rar.metrics.get("method"), "seed": rar.metrics.get("seed"),
+            "dataset": rar.metrics.get("dataset", manifest.get("dataset")),
+            "split": split,
+            "method": rar.metrics.get("method"),
+            "seed": rar.metrics.get("seed"),
             "rar_run": {"dir": str(rar_run_dir), "method": rar.metrics.get("method"), "seed": rar.metrics.get("seed")},
-            "base_run": {"dir": str(base_run_dir), "method": base.metrics.get("method"),
-                         "seed": base.metrics.get("seed")},
+            "base_run": {
+                "dir": str(base_run_dir),
+                "method": base.metrics.get("method"),
+                "seed": base.metrics.get("seed"),
+            },
             "label_names": manifest.get("label_names"),
-            "attack": {"name": "k-PGD", "norm": "l2", "epsilon": epsilon, "steps": steps,
-                       "step_size": step_size_ratio * epsilon, "seed": seed, "device": str(dev)},
-            "n_examples": len(encoded), "n_changed": len(changed),
+            "attack": {
+                "name": "k-PGD",
+                "norm": "l2",
+                "epsilon": epsilon,
+                "steps": steps,
+                "step_size": step_size_ratio * epsilon,
+                "seed": seed,
+                "device": str(dev),
+            },
+            "n_examples": len(encoded),
+            "n_changed": len(changed),
             "n_fool_base": sum(e["fools_base"] for e in examples),
             "examples": examples,
         }

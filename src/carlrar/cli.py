@@ -26,13 +26,24 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from carlrar.config import load_config
     from carlrar.training import train
 
-    result = train(load_config(args.config, args.set), args.dataset, args.method, args.seed, args.data, args.out, args.device)
+    result = train(
+        load_config(args.config, args.set), args.dataset, args.method, args.seed, args.data, args.out, args.device
+    )
     m = result.metrics
     if not m:  # a non-zero rank of a torchrun job: rank 0 reports
         return
     test = "n/a" if m["test_accuracy"] is None else f"{m['test_accuracy']:.4f}"
-    logging.info("%s/%s/seed%d: dev %.4f, test %s, %d steps in %.0f s -> %s",
-                 args.dataset, args.method, args.seed, m["dev_accuracy"], test, m["steps"], m["train_seconds"], args.out)
+    logging.info(
+        "%s/%s/seed%d: dev %.4f, test %s, %d steps in %.0f s -> %s",
+        args.dataset,
+        args.method,
+        args.seed,
+        m["dev_accuracy"],
+        test,
+        m["steps"],
+        m["train_seconds"],
+        args.out,
+    )
 
 
 def _cmd_table2(args: argparse.Namespace) -> None:
@@ -46,18 +57,42 @@ def _cmd_attack(args: argparse.Namespace) -> None:
     from carlrar.attacks import attack_split
 
     # attack_split logs each epsilon's accuracy under attack, success rate and representation distances.
-    attack_split(args.run_dir, args.data, args.out, args.epsilons, args.steps, args.step_size_ratio,
-                 args.batch_size, args.device, args.seed)
+    attack_split(
+        args.run_dir,
+        args.data,
+        args.out,
+        args.epsilons,
+        args.steps,
+        args.step_size_ratio,
+        args.batch_size,
+        args.device,
+        args.seed,
+    )
     logging.info("records_eps*.parquet and summary.json -> %s", args.out)
 
 
 def _cmd_samples(args: argparse.Namespace) -> None:
     from carlrar.attacks import text_samples
 
-    report = text_samples(args.run_dir, args.base_run, args.data, args.out, args.epsilon, args.steps,
-                          args.step_size_ratio, args.batch_size, args.device, args.seed)
-    logging.info("%d of %d decoded sentences differ from the original; %d fool the base model -> %s",
-                 report["n_changed"], report["n_examples"], report["n_fool_base"], args.out)
+    report = text_samples(
+        args.run_dir,
+        args.base_run,
+        args.data,
+        args.out,
+        args.epsilon,
+        args.steps,
+        args.step_size_ratio,
+        args.batch_size,
+        args.device,
+        args.seed,
+    )
+    logging.info(
+        "%d of %d decoded sentences differ from the original; %d fool the base model -> %s",
+        report["n_changed"],
+        report["n_examples"],
+        report["n_fool_base"],
+        args.out,
+    )
 
 
 def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
@@ -65,8 +100,12 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--steps", type=int, default=10, help="k, the number of PGD steps (default: 10)")
-        sub.add_argument("--step-size-ratio", type=float, default=0.25,
-                         help="step size alpha as a fraction of epsilon (default: 0.25, i.e. alpha = epsilon / 4)")
+        sub.add_argument(
+            "--step-size-ratio",
+            type=float,
+            default=0.25,
+            help="step size alpha as a fraction of epsilon (default: 0.25, i.e. alpha = epsilon / 4)",
+        )
         sub.add_argument("--batch-size", type=int, default=64, help="examples per attacked batch (default: 64)")
         sub.add_argument("--device", default="auto", help="auto (a free GPU, else CPU), cpu, cuda or cuda:N")
         sub.add_argument("--seed", type=int, default=0, help="seed of the random starts (default: 0)")
@@ -84,12 +123,18 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
             "attacked sentence representations)."
         ),
     )
-    attack.add_argument("--run", dest="run_dir", metavar="RUN", required=True, type=Path,
-                        help="a finished 'carlrar train' run folder")
+    attack.add_argument(
+        "--run", dest="run_dir", metavar="RUN", required=True, type=Path, help="a finished 'carlrar train' run folder"
+    )
     attack.add_argument("--data", required=True, type=Path, help="the prepared dataset folder the run was trained on")
     attack.add_argument("--out", required=True, type=Path, help="output folder")
-    attack.add_argument("--epsilons", type=float, nargs="+", default=[0.02, 0.075, 0.1],
-                        help="l2 radii of the attack, per sentence (default: 0.02 0.075 0.1, as in Table 5)")
+    attack.add_argument(
+        "--epsilons",
+        type=float,
+        nargs="+",
+        default=[0.02, 0.075, 0.1],
+        help="l2 radii of the attack, per sentence (default: 0.02 0.075 0.1, as in Table 5)",
+    )
     common(attack)
     attack.set_defaults(run=_cmd_attack)
 
@@ -103,8 +148,9 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
             "decoded text wrongly. Writes OUT (JSON: n_examples, n_changed, n_fool_base and the examples)."
         ),
     )
-    samples.add_argument("--run", dest="run_dir", metavar="RUN", required=True, type=Path,
-                         help="a finished rar or carl_rar run folder")
+    samples.add_argument(
+        "--run", dest="run_dir", metavar="RUN", required=True, type=Path, help="a finished rar or carl_rar run folder"
+    )
     samples.add_argument("--base-run", required=True, type=Path, help="the base run of the same dataset and seed")
     samples.add_argument("--data", required=True, type=Path, help="the prepared dataset folder (e.g. SST-2)")
     samples.add_argument("--out", required=True, type=Path, help="output JSON file")
@@ -142,8 +188,13 @@ def _cmd_hpsearch_select(args: argparse.Namespace) -> None:
 
     frame = write_selection(args.metrics, args.out_dir)
     for row in frame[frame["rank"] == 1].itertuples():
-        logging.info("%s: best of %d trials is %s, dev accuracy %.2f %%", row.dataset,
-                     int((frame["dataset"] == row.dataset).sum()), row.trial, row.dev_accuracy)
+        logging.info(
+            "%s: best of %d trials is %s, dev accuracy %.2f %%",
+            row.dataset,
+            int((frame["dataset"] == row.dataset).sum()),
+            row.trial,
+            row.dev_accuracy,
+        )
     logging.info("<dataset>/best.yaml, freelb_best.yaml and trials.{md,csv} -> %s", args.out_dir)
 
 
@@ -165,8 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     prepare.add_argument("--config", required=True, type=Path, help="YAML config (e.g. config/config.yaml)")
-    prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config key, e.g. --set data.seed=7 (repeatable; values are YAML)")
+    prepare.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.seed=7 (repeatable; values are YAML)",
+    )
     prepare.add_argument("--dataset", required=True, choices=["sst2", "ag_news", "yelp_polarity", "yahoo_answers"])
     prepare.add_argument("--raw-dir", type=Path, help="folder of raw datasets (default: the config's raw_dir)")
     prepare.add_argument("--out", required=True, type=Path, help="output folder, e.g. data/processed/sst2")
@@ -177,13 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="train one (dataset, method, seed) run; restarting the same command resumes it",
         description=(
             "Fine-tune the config's model on DATA (a 'carlrar prepare' folder) with METHOD and write OUT/metrics.json, "
-            "OUT/best/ (weights with the best dev accuracy, config and tokenizer) and OUT/checkpoint/ (resumable state). "
+            "OUT/best/ (weights with the best dev accuracy, config and tokenizer) and OUT/checkpoint/ "
+            "(resumable state). "
             "On CUDA it leases a free visible GPU (lock files in $CARLRAR_GPU_LOCK_DIR) and uses bf16 autocast."
         ),
     )
     train.add_argument("--config", required=True, type=Path, help="YAML config (e.g. config/config.yaml)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set datasets.sst2.freelb.adv_lr=0.05 (repeatable)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set datasets.sst2.freelb.adv_lr=0.05 (repeatable)",
+    )
     train.add_argument("--dataset", required=True, choices=["sst2", "ag_news", "yelp_polarity", "yahoo_answers"])
     train.add_argument("--method", required=True, choices=["base", "freelb", "carl", "rar", "carl_rar"])
     train.add_argument("--seed", required=True, type=int, help="training seed (model init, order, dropout, negatives)")
@@ -198,14 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Aggregate metrics.json files into PREFIX.md, PREFIX.csv and PREFIX.tex (each written atomically).",
     )
     table2.add_argument("--metrics", required=True, nargs="+", type=Path, help="metrics.json files of finished runs")
-    table2.add_argument("--out", required=True, type=Path, help="output prefix, e.g. results/paper/tables/table2_accuracy")
+    table2.add_argument(
+        "--out", required=True, type=Path, help="output prefix, e.g. results/paper/tables/table2_accuracy"
+    )
     table2.set_defaults(run=_cmd_table2)
 
     table7 = commands.add_parser(
         "table7", help="Table 7: parameter count per method", description="Write PREFIX.md and PREFIX.csv."
     )
     table7.add_argument("--metrics", required=True, nargs="+", type=Path, help="metrics.json files of finished runs")
-    table7.add_argument("--out", required=True, type=Path, help="output prefix, e.g. results/paper/tables/table7_params")
+    table7.add_argument(
+        "--out", required=True, type=Path, help="output prefix, e.g. results/paper/tables/table7_params"
+    )
     table7.set_defaults(run=_cmd_table7)
 
     robustness = commands.add_parser(
@@ -216,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
             ".md, .csv and .tex: mean ± standard deviation over seeds per dataset, method and epsilon."
         ),
     )
-    robustness.add_argument("--summaries", required=True, nargs="+", type=Path, help="summary.json files of 'carlrar attack'")
+    robustness.add_argument(
+        "--summaries", required=True, nargs="+", type=Path, help="summary.json files of 'carlrar attack'"
+    )
     robustness.add_argument("--samples", nargs="*", type=Path, default=[], help="JSON reports of 'carlrar samples'")
     robustness.add_argument("--out-dir", required=True, type=Path, help="tables folder, e.g. results/paper/tables")
     robustness.set_defaults(run=_cmd_robustness_tables)
@@ -227,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write PDF and PNG figures (seaborn) to OUT_DIR.",
     )
     figures.add_argument("--metrics", required=True, nargs="+", type=Path, help="metrics.json files of finished runs")
-    figures.add_argument("--summaries", required=True, nargs="+", type=Path, help="summary.json files of 'carlrar attack'")
+    figures.add_argument(
+        "--summaries", required=True, nargs="+", type=Path, help="summary.json files of 'carlrar attack'"
+    )
     figures.add_argument("--out-dir", required=True, type=Path, help="figures folder, e.g. results/paper/figures")
     figures.set_defaults(run=_cmd_figures)
 
@@ -241,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
             "('datasets: {<dataset>: {freelb: {...}}}', to merge into a config) and OUT_DIR/trials.{md,csv}."
         ),
     )
-    hpsearch.add_argument("--metrics", required=True, nargs="+", type=Path,
-                          help="metrics.json files of the trials' 'carlrar train' runs")
+    hpsearch.add_argument(
+        "--metrics", required=True, nargs="+", type=Path, help="metrics.json files of the trials' 'carlrar train' runs"
+    )
     hpsearch.add_argument("--out-dir", required=True, type=Path, help="output folder, e.g. results/paper/hpsearch")
     hpsearch.set_defaults(run=_cmd_hpsearch_select)
     _add_attack_parsers(commands)

@@ -76,8 +76,7 @@ def _indices_of_other_labels(labels: Tensor, m: int) -> dict[int, Tensor]:
         candidates = (labels != c).nonzero().squeeze(1)
         if candidates.numel() < m:
             raise ValueError(
-                f"class {c}: m={m} negatives requested but only {candidates.numel()} training rows "
-                f"have another label"
+                f"class {c}: m={m} negatives requested but only {candidates.numel()} training rows have another label"
             )
         others[c] = candidates
     return others
@@ -119,9 +118,7 @@ class ClassAwareNegativeSampler(nn.Module):
         self.generator.set_state(state["rng_state"].cpu())
 
 
-def sample_negatives_per_example(
-    labels: Tensor, anchor_labels: Tensor, m: int, generator: torch.Generator
-) -> Tensor:
+def sample_negatives_per_example(labels: Tensor, anchor_labels: Tensor, m: int, generator: torch.Generator) -> Tensor:
     """Reference sampler: each anchor gets its own m negatives of other labels, without replacement.
 
     Returns a [batch, m] LongTensor. It is the literal reading of the paper, kept to check the class-aware
@@ -290,5 +287,6 @@ class CARLObjective(nn.Module):
     def after_backward(self, views: Any, step: int) -> None:
         if step >= self.bank_start_step:
             batch = views.batch
-            self.contrast.update_banks(batch.indices, views.clean.sentence.detach(), views.adversarial.sentence.detach())
-
+            self.contrast.update_banks(
+                batch.indices, views.clean.sentence.detach(), views.adversarial.sentence.detach()
+            )

@@ -1,9 +1,9 @@
 """The paper's dataset splits (Table 9): read the official files, sample stratified and deterministic splits.
 
 Sources are tried in this order for each split: the file in ``<raw_dir>/<dataset>/`` (the official name, or
-the ones the config's ``files`` gives, first existing wins; its format is recognised from its first line: GLUE TSV, a plain
-``label,text`` CSV, or the Zhang et al. 2015 CSV), then the Hugging Face hub. The sample is a function of the
-data seed and the source rows only: every method and training seed sees identical splits.
+the ones the config's ``files`` gives, first existing wins; its format is recognised from its first line:
+GLUE TSV, a plain ``label,text`` CSV, or the Zhang et al. 2015 CSV), then the Hugging Face hub. The sample is a
+function of the data seed and the source rows only: every method and training seed sees identical splits.
 """
 
 from __future__ import annotations
@@ -56,28 +56,63 @@ DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
         DatasetSpec(
-            "sst2", ("negative", "positive"), 2, {"train": "train.tsv", "dev": "dev.tsv"}, 1,
-            "nyu-mll/glue", "sst2", {"train": "train", "dev": "validation"}, ("sentence",), "label",
+            "sst2",
+            ("negative", "positive"),
+            2,
+            {"train": "train.tsv", "dev": "dev.tsv"},
+            1,
+            "nyu-mll/glue",
+            "sst2",
+            {"train": "train", "dev": "validation"},
+            ("sentence",),
+            "label",
         ),
         DatasetSpec(
-            "ag_news", ("World", "Sports", "Business", "Sci/Tech"), 4,
-            {"train": "train.csv", "test": "test.csv"}, 2,
-            "fancyzhx/ag_news", None, {"train": "train", "test": "test"}, ("text",), "label",
+            "ag_news",
+            ("World", "Sports", "Business", "Sci/Tech"),
+            4,
+            {"train": "train.csv", "test": "test.csv"},
+            2,
+            "fancyzhx/ag_news",
+            None,
+            {"train": "train", "test": "test"},
+            ("text",),
+            "label",
         ),
         DatasetSpec(
-            "yelp_polarity", ("negative", "positive"), 2, {"train": "train.csv", "test": "test.csv"}, 1,
-            "fancyzhx/yelp_polarity", None, {"train": "train", "test": "test"}, ("text",), "label",
+            "yelp_polarity",
+            ("negative", "positive"),
+            2,
+            {"train": "train.csv", "test": "test.csv"},
+            1,
+            "fancyzhx/yelp_polarity",
+            None,
+            {"train": "train", "test": "test"},
+            ("text",),
+            "label",
         ),
         DatasetSpec(
             "yahoo_answers",
             (
-                "Society & Culture", "Science & Mathematics", "Health", "Education & Reference",
-                "Computers & Internet", "Sports", "Business & Finance", "Entertainment & Music",
-                "Family & Relationships", "Politics & Government",
+                "Society & Culture",
+                "Science & Mathematics",
+                "Health",
+                "Education & Reference",
+                "Computers & Internet",
+                "Sports",
+                "Business & Finance",
+                "Entertainment & Music",
+                "Family & Relationships",
+                "Politics & Government",
             ),
-            5, {"train": "train.csv", "test": "test.csv"}, 3,
-            "community-datasets/yahoo_answers_topics", None, {"train": "train", "test": "test"},
-            ("question_title", "question_content", "best_answer"), "topic",
+            5,
+            {"train": "train.csv", "test": "test.csv"},
+            3,
+            "community-datasets/yahoo_answers_topics",
+            None,
+            {"train": "train", "test": "test"},
+            ("question_title", "question_content", "best_answer"),
+            "topic",
         ),
     )
 }
@@ -130,7 +165,12 @@ def read_file(path: Path, spec: DatasetSpec) -> RawSplit:
     csv.field_size_limit(1 << 30)  # Yahoo! answers exceed the default 128 KiB field limit
     first_line = text.split("\n", 1)[0].rstrip("\r")
     if first_line.split("\t") == ["sentence", "label"]:
-        fmt, reader, n_cols, one_based = "glue-tsv", csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE), 2, False
+        fmt, reader, n_cols, one_based = (
+            "glue-tsv",
+            csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE),
+            2,
+            False,
+        )
         next(reader)
     elif first_line.replace(" ", "").lower() == "label,text":
         fmt, reader, n_cols = "label-text-csv", csv.reader(io.StringIO(text)), 2
@@ -168,7 +208,9 @@ def read_file(path: Path, spec: DatasetSpec) -> RawSplit:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(var, "").lower() in {"1", "true", "yes"} for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(var, "").lower() in {"1", "true", "yes"} for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def read_hub(spec: DatasetSpec, split: str) -> RawSplit:
@@ -182,8 +224,12 @@ def read_hub(spec: DatasetSpec, split: str) -> RawSplit:
         texts=texts,
         labels=[int(label) for label in ds[spec.hub_label_key]],
         rows=list(range(len(texts))),
-        source={"hub": spec.hub_path, "name": spec.hub_name, "split": hub_split,
-                "fingerprint": getattr(ds, "_fingerprint", None)},
+        source={
+            "hub": spec.hub_path,
+            "name": spec.hub_name,
+            "split": hub_split,
+            "fingerprint": getattr(ds, "_fingerprint", None),
+        },
     )
 
 
@@ -269,8 +315,11 @@ def _content_sha256(texts: list[str], labels: list[int]) -> str:
 
 def _write_split(path: Path, texts: list[str], labels: list[int], rows: list[int]) -> None:
     table = pa.table(
-        {"text": pa.array(texts, pa.string()), "label": pa.array(labels, pa.int64()),
-         "source_row": pa.array(rows, pa.int64())}
+        {
+            "text": pa.array(texts, pa.string()),
+            "label": pa.array(labels, pa.int64()),
+            "source_row": pa.array(rows, pa.int64()),
+        }
     )
     pq.write_table(table, path, compression="zstd")
 
@@ -296,7 +345,9 @@ def prepare_dataset(config: Config, name: str, raw_dir: str | Path, out_dir: str
         sources[origin] = raw.source
         for split, positions in stratified_sample(raw, spec, sizes, config.data.seed, origin).items():
             splits[split] = (
-                [raw.texts[p] for p in positions], [raw.labels[p] for p in positions], [raw.rows[p] for p in positions]
+                [raw.texts[p] for p in positions],
+                [raw.labels[p] for p in positions],
+                [raw.rows[p] for p in positions],
             )
 
     manifest: dict[str, Any] = {
@@ -321,8 +372,11 @@ def prepare_dataset(config: Config, name: str, raw_dir: str | Path, out_dir: str
                 "rows": len(labels),
                 "label_counts": [labels.count(c) for c in range(spec.num_kept)],
                 "sha256": _content_sha256(texts, labels),
-                "source": {"train": "train", "dev": "train" if ds.dev_source == "train" else "dev",
-                           "test": "test"}[split] if labels else None,
+                "source": {"train": "train", "dev": "train" if ds.dev_source == "train" else "dev", "test": "test"}[
+                    split
+                ]
+                if labels
+                else None,
             }
         write_json(tmp / "manifest.json", manifest)
     return manifest

@@ -80,8 +80,12 @@ class Trial:
         return "-".join(f"{ID_LETTERS[key]}{_number_text(getattr(self, key))}" for key in PARAMS)
 
     def values(self) -> dict[str, float | int]:
-        return {"init_mag": float(self.init_mag), "adv_lr": float(self.adv_lr),
-                "adv_max_norm": float(self.adv_max_norm), "adv_steps": int(self.adv_steps)}
+        return {
+            "init_mag": float(self.init_mag),
+            "adv_lr": float(self.adv_lr),
+            "adv_max_norm": float(self.adv_max_norm),
+            "adv_steps": int(self.adv_steps),
+        }
 
     def tie_break(self) -> tuple[float, ...]:
         """Among equal dev accuracies: fewer adv_steps, then smaller init_mag, adv_lr, adv_max_norm."""
@@ -89,8 +93,10 @@ class Trial:
 
     def overrides(self, dataset: str, epochs: float | None = None) -> list[str]:
         """``KEY=VALUE`` overrides (for ``carlrar train --set``) that give ``dataset`` this trial's values."""
-        items = [f"datasets.{dataset}.freelb.{key}={value if key == 'adv_steps' else _float_text(value)}"
-                 for key, value in self.values().items()]
+        items = [
+            f"datasets.{dataset}.freelb.{key}={value if key == 'adv_steps' else _float_text(value)}"
+            for key, value in self.values().items()
+        ]
         if epochs is not None:
             items.append(f"training.epochs={_number_text(epochs)}")  # an integer or a float, both valid
         return items
@@ -139,8 +145,13 @@ def _read_trial_run(path: Path) -> dict[str, Any]:
     try:
         freelb = m["config"]["dataset"]["freelb"]
         trial = Trial(*(freelb[key] for key in PARAMS))
-        record = {"dataset": str(m["dataset"]), "method": str(m["method"]), "seed": m["seed"], "trial": trial,
-                  "dev_accuracy": m["dev_accuracy"]}
+        record = {
+            "dataset": str(m["dataset"]),
+            "method": str(m["method"]),
+            "seed": m["seed"],
+            "trial": trial,
+            "dev_accuracy": m["dev_accuracy"],
+        }
     except (KeyError, TypeError) as exc:
         raise HPSearchError(
             f"{path}: needs 'dataset', 'method', 'seed', 'dev_accuracy' and config.dataset.freelb "
@@ -190,9 +201,19 @@ def select(metrics_paths: Sequence[str | Path]) -> pd.DataFrame:
         # round(): equal accuracies must tie exactly, whatever the float noise of the mean
         scored.sort(key=lambda item: (-round(item[2], 9), *item[0].tie_break()))
         for rank, (trial, n, mean, std) in enumerate(scored, start=1):
-            rows.append({"dataset": dataset, "method": methods[dataset][0], "rank": rank, "trial": trial.id,
-                         **trial.values(), "seeds": n, "dev_accuracy": mean, "dev_accuracy_std": std,
-                         "chosen": rank == 1})
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "method": methods[dataset][0],
+                    "rank": rank,
+                    "trial": trial.id,
+                    **trial.values(),
+                    "seeds": n,
+                    "dev_accuracy": mean,
+                    "dev_accuracy_std": std,
+                    "chosen": rank == 1,
+                }
+            )
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
 
 
@@ -210,15 +231,18 @@ def _seed_note(frame: pd.DataFrame, dataset: str) -> str:
 def _comment(frame: pd.DataFrame, dataset: str) -> str:
     on = frame[frame["dataset"] == dataset]
     row = on[on["rank"] == 1].iloc[0]
-    return (f"# {dataset}: trial {row['trial']}, dev accuracy {row['dev_accuracy']:.2f} % (mean over "
-            f"{_seed_note(frame, dataset)} seed(s), {row['method']} runs), best of {len(on)} trials")
+    return (
+        f"# {dataset}: trial {row['trial']}, dev accuracy {row['dev_accuracy']:.2f} % (mean over "
+        f"{_seed_note(frame, dataset)} seed(s), {row['method']} runs), best of {len(on)} trials"
+    )
 
 
 def _yaml_text(frame: pd.DataFrame, datasets: list[str]) -> str:
     best = best_per_dataset(frame)
     header = [
         "# FreeLB hyperparameters chosen by `carlrar hpsearch-select`: grid search on dev accuracy (paper A.2,",
-        "# Table 8), shared by FreeLB, CARL and RAR. Merge into a config, e.g. (Snakemake merges config files in order)",
+        "# Table 8), shared by FreeLB, CARL and RAR. Merge into a config, e.g.",
+        "# (Snakemake merges config files in order)",
         "#   snakemake --configfile config/config.yaml results/<run>/hpsearch/freelb_best.yaml",
         *(_comment(frame, d) for d in datasets),
     ]

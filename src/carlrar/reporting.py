@@ -76,8 +76,9 @@ def table2_frame(metrics_paths: list[Path]) -> tuple[pd.DataFrame, dict[str, str
                 f"dataset {key[0]} is evaluated on '{first[0]}' in {first[1]} but on '{split}' in {path}; "
                 "one table cell cannot mix splits"
             )
-        records.append({"dataset": key[0], "method": key[1], "seed": key[2],
-                        "accuracy": 100.0 * float(m["eval_accuracy"])})
+        records.append(
+            {"dataset": key[0], "method": key[1], "seed": key[2], "accuracy": 100.0 * float(m["eval_accuracy"])}
+        )
 
     runs = pd.DataFrame.from_records(records)
     rows = []
@@ -91,8 +92,9 @@ def table2_frame(metrics_paths: list[Path]) -> tuple[pd.DataFrame, dict[str, str
         reference = stats.get(REFERENCE_METHOD)
         for method, (n, mean, std) in stats.items():
             delta = round(mean - reference[1], 2) + 0.0 if reference is not None else math.nan  # + 0.0: no -0.0
-            rows.append({"dataset": dataset, "method": method, "seeds": n, "mean": mean, "std": std,
-                         "delta_vs_freelb": delta})
+            rows.append(
+                {"dataset": dataset, "method": method, "seeds": n, "mean": mean, "std": std, "delta_vs_freelb": delta}
+            )
     frame = pd.DataFrame(rows, columns=TABLE2_COLUMNS).astype(
         {"seeds": "int64", "mean": "float64", "std": "float64", "delta_vs_freelb": "float64"}
     )
@@ -179,19 +181,26 @@ def write_table7(metrics_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
         except (KeyError, TypeError, ValueError) as exc:
             raise ReportError(f"{path}: cannot read 'dataset', 'method' and 'params' for Table 7 ({exc})") from None
         if counts.setdefault(key, params) != params:
-            raise ReportError(f"{path}: {params:,} parameters, but another seed of {key[0]}/{key[1]} has {counts[key]:,}")
+            raise ReportError(
+                f"{path}: {params:,} parameters, but another seed of {key[0]}/{key[1]} has {counts[key]:,}"
+            )
     if not counts:
         raise ReportError("no metrics files given for Table 7")
     rows = [
-        {"dataset": d, "method": m, "params": counts[(d, m)],
-         "extra_vs_base": counts[(d, m)] - counts[(d, "base")] if (d, "base") in counts else None}
+        {
+            "dataset": d,
+            "method": m,
+            "params": counts[(d, m)],
+            "extra_vs_base": counts[(d, m)] - counts[(d, "base")] if (d, "base") in counts else None,
+        }
         for d in _order([d for d, _ in counts], DATASET_ORDER)
         for m in _order([m for dd, m in counts if dd == d], METHOD_ORDER)
     ]
     frame = pd.DataFrame(rows).astype({"params": "int64", "extra_vs_base": "Int64"})
     wide = frame.pivot(index="method", columns="dataset", values="params")
-    wide = wide.reindex(index=_order(frame["method"].tolist(), METHOD_ORDER),
-                        columns=_order(frame["dataset"].tolist(), DATASET_ORDER))
+    wide = wide.reindex(
+        index=_order(frame["method"].tolist(), METHOD_ORDER), columns=_order(frame["dataset"].tolist(), DATASET_ORDER)
+    )
     wide = wide.map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
     wide.index = [METHOD_NAMES.get(m, m) for m in wide.index]
     wide.index.name = "Method"
@@ -213,15 +222,21 @@ def attack_frame(summary_paths: list[Path]) -> pd.DataFrame:
         summary = read_json(path, "attack summary")
         try:
             for entry in summary["epsilons"].values():
-                rows.append({
-                    "dataset": summary["dataset"], "method": summary["method"], "seed": summary["seed"],
-                    "epsilon": float(entry["epsilon"]),
-                    "clean_accuracy": 100.0 * entry["clean_accuracy"],
-                    "attacked_accuracy": 100.0 * entry["attacked_accuracy"],
-                    "attack_success_rate": math.nan if entry["attack_success_rate"] is None
-                    else 100.0 * entry["attack_success_rate"],
-                    "mean_cosine": entry["mean_cosine"], "mean_euclidean": entry["mean_euclidean"],
-                })
+                rows.append(
+                    {
+                        "dataset": summary["dataset"],
+                        "method": summary["method"],
+                        "seed": summary["seed"],
+                        "epsilon": float(entry["epsilon"]),
+                        "clean_accuracy": 100.0 * entry["clean_accuracy"],
+                        "attacked_accuracy": 100.0 * entry["attacked_accuracy"],
+                        "attack_success_rate": math.nan
+                        if entry["attack_success_rate"] is None
+                        else 100.0 * entry["attack_success_rate"],
+                        "mean_cosine": entry["mean_cosine"],
+                        "mean_euclidean": entry["mean_euclidean"],
+                    }
+                )
         except (KeyError, TypeError) as exc:
             raise ReportError(f"{path}: not a 'carlrar attack' summary (missing {exc})") from None
     if not rows:
@@ -257,7 +272,9 @@ def _per_dataset_tables(stats: pd.DataFrame, value: str, digits: int, pm: str) -
     """For each dataset: methods as rows, epsilons as columns, cells 'mean ± std'."""
     tables = {}
     for dataset, part in stats.groupby("dataset", sort=False):
-        cells = part.assign(cell=[_mean_std(m, s, digits, pm) for m, s in zip(part[f"{value}_mean"], part[f"{value}_std"])])
+        cells = part.assign(
+            cell=[_mean_std(m, s, digits, pm) for m, s in zip(part[f"{value}_mean"], part[f"{value}_std"])]
+        )
         wide = cells.pivot(index="method", columns="epsilon", values="cell")
         wide = wide.reindex(index=_order(part["method"].tolist(), METHOD_ORDER)).fillna("")
         wide.index = [METHOD_NAMES.get(m, m) for m in wide.index]
@@ -267,8 +284,9 @@ def _per_dataset_tables(stats: pd.DataFrame, value: str, digits: int, pm: str) -
     return tables
 
 
-def _write_sectioned(out_prefix: Path, stats: pd.DataFrame, blocks: list[tuple[str, int, str]], note: str,
-                     caption: str, label: str) -> None:
+def _write_sectioned(
+    out_prefix: Path, stats: pd.DataFrame, blocks: list[tuple[str, int, str]], note: str, caption: str, label: str
+) -> None:
     """Write PREFIX.csv (long) and PREFIX.md / PREFIX.tex with one section per dataset and per value."""
     markdown, latex = [], []
     for value, digits, title in blocks:
@@ -280,9 +298,14 @@ def _write_sectioned(out_prefix: Path, stats: pd.DataFrame, blocks: list[tuple[s
             tex = tex_tables[dataset]
             tex.index.name = None
             tex.columns = [c.replace("ε", r"$\epsilon$") for c in tex.columns]
-            latex.append(tex.rename(index=lambda n: n.replace("&", r"\&")).to_latex(
-                escape=False, column_format="l" + "c" * len(tex.columns),
-                caption=f"{caption} {name}: {title}.", label=f"{label}:{dataset}:{value}"))
+            latex.append(
+                tex.rename(index=lambda n: n.replace("&", r"\&")).to_latex(
+                    escape=False,
+                    column_format="l" + "c" * len(tex.columns),
+                    caption=f"{caption} {name}: {title}.",
+                    label=f"{label}:{dataset}:{value}",
+                )
+            )
     out_prefix = Path(out_prefix)
     write_text(out_prefix.with_name(f"{out_prefix.name}.csv"), stats.to_csv(index=False, lineterminator="\n"))
     write_text(out_prefix.with_name(f"{out_prefix.name}.md"), "\n".join(markdown) + "\n" + note + "\n")
@@ -292,24 +315,38 @@ def _write_sectioned(out_prefix: Path, stats: pd.DataFrame, blocks: list[tuple[s
 def write_table5(summary_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
     """Table 5: accuracy under k-PGD attack per epsilon (the paper's AG's News; here every attacked dataset)."""
     stats = _over_seeds(attack_frame(summary_paths), ["clean_accuracy", "attacked_accuracy", "attack_success_rate"], 2)
-    note = ("Accuracy under attack = correct after attack / all examples; attack success rate = flipped / originally "
-            "correct (TextAttack's definitions), in %, mean ± sample standard deviation over seeds; l2 k-PGD on the "
-            "word embeddings of the evaluated split.")
-    _write_sectioned(out_prefix, stats, [("attacked_accuracy", 2, "accuracy under attack (%)"),
-                                         ("attack_success_rate", 2, "attack success rate (%)")],
-                     note, "Robustness under k-PGD,", "tab:robustness")
+    note = (
+        "Accuracy under attack = correct after attack / all examples; attack success rate = flipped / originally "
+        "correct (TextAttack's definitions), in %, mean ± sample standard deviation over seeds; l2 k-PGD on the "
+        "word embeddings of the evaluated split."
+    )
+    _write_sectioned(
+        out_prefix,
+        stats,
+        [("attacked_accuracy", 2, "accuracy under attack (%)"), ("attack_success_rate", 2, "attack success rate (%)")],
+        note,
+        "Robustness under k-PGD,",
+        "tab:robustness",
+    )
     return stats
 
 
 def write_table4(summary_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
     """Table 4: cosine similarity and Euclidean distance between clean and attacked sentence representations."""
     stats = _over_seeds(attack_frame(summary_paths), ["mean_cosine", "mean_euclidean"], 3)
-    note = ("Mean over the evaluated split of the cosine similarity and the Euclidean distance between the sentence "
-            "representations R of the clean input and R_adv of its k-PGD attack with maximum norm ε; mean ± sample "
-            "standard deviation over seeds.")
-    _write_sectioned(out_prefix, stats, [("mean_cosine", 3, "cosine similarity"),
-                                         ("mean_euclidean", 3, "Euclidean distance")],
-                     note, "Representation distance,", "tab:representation")
+    note = (
+        "Mean over the evaluated split of the cosine similarity and the Euclidean distance between the sentence "
+        "representations R of the clean input and R_adv of its k-PGD attack with maximum norm ε; mean ± sample "
+        "standard deviation over seeds."
+    )
+    _write_sectioned(
+        out_prefix,
+        stats,
+        [("mean_cosine", 3, "cosine similarity"), ("mean_euclidean", 3, "Euclidean distance")],
+        note,
+        "Representation distance,",
+        "tab:representation",
+    )
     return stats
 
 
@@ -319,33 +356,55 @@ def write_table6(sample_paths: list[Path], out_prefix: Path, examples_per_run: i
     for path in map(Path, sample_paths):
         report = read_json(path, "samples report")
         try:
-            rows.append({"dataset": report["dataset"], "method": report["method"], "seed": report["seed"],
-                         "examples": report["n_examples"], "changed": report["n_changed"],
-                         "fool_base": report["n_fool_base"]})
+            rows.append(
+                {
+                    "dataset": report["dataset"],
+                    "method": report["method"],
+                    "seed": report["seed"],
+                    "examples": report["n_examples"],
+                    "changed": report["n_changed"],
+                    "fool_base": report["n_fool_base"],
+                }
+            )
             chosen = [e for e in report["examples"] if e["fools_base"]][:examples_per_run]
         except (KeyError, TypeError) as exc:
             raise ReportError(f"{path}: not a 'carlrar samples' report (missing {exc})") from None
-        label_names = report.get("label_names")
+        label_names = report.get("label_names") or []
+
+        def name(label: int, names: list[str] = label_names) -> str:
+            return names[label] if names else str(label)
+
         for e in chosen:
-            def name(label: int) -> str:
-                return label_names[label] if label_names else str(label)
-            examples.append({"method": METHOD_NAMES.get(report["method"], report["method"]), "seed": report["seed"],
-                             "original": e["original"], "base on original": name(e["base_pred_original"]),
-                             "decoded": e["decoded"], "base on decoded": name(e["base_pred_decoded"])})
+            examples.append(
+                {
+                    "method": METHOD_NAMES.get(report["method"], report["method"]),
+                    "seed": report["seed"],
+                    "original": e["original"],
+                    "base on original": name(e["base_pred_original"]),
+                    "decoded": e["decoded"],
+                    "base on decoded": name(e["base_pred_decoded"]),
+                }
+            )
     if not rows:
         raise ReportError("no samples reports given for Table 6")
     counts = pd.DataFrame(rows).sort_values(["dataset", "method", "seed"]).reset_index(drop=True)
-    counts_md = counts.assign(method=counts["method"].map(lambda m: METHOD_NAMES.get(m, m)),
-                              dataset=counts["dataset"].map(lambda d: DATASET_NAMES.get(d, d)))
-    markdown = ("Decoded sentences that differ from the original (`changed`) and, of those, the ones the base model of "
-                "the same seed classifies correctly in the original but wrongly in the decoded form (`fool_base`).\n\n"
-                + counts_md.to_markdown(index=False) + "\n")
+    counts_md = counts.assign(
+        method=counts["method"].map(lambda m: METHOD_NAMES.get(m, m)),
+        dataset=counts["dataset"].map(lambda d: DATASET_NAMES.get(d, d)),
+    )
+    markdown = (
+        "Decoded sentences that differ from the original (`changed`) and, of those, the ones the base model of "
+        "the same seed classifies correctly in the original but wrongly in the decoded form (`fool_base`).\n\n"
+        + counts_md.to_markdown(index=False)
+        + "\n"
+    )
     if examples:
         markdown += "\n" + pd.DataFrame(examples).to_markdown(index=False) + "\n"
     else:
         markdown += "\nNo decoded sentence fooled the base model in these runs.\n"
-    latex = counts_md.to_latex(index=False, caption="Text-form adversarial samples from RAR's reconstructor.",
-                               label="tab:samples")
+    latex = counts_md.to_latex(
+        index=False, caption="Text-form adversarial samples from RAR's reconstructor.", label="tab:samples"
+    )
     out_prefix = Path(out_prefix)
     write_text(out_prefix.with_name(f"{out_prefix.name}.csv"), counts.to_csv(index=False, lineterminator="\n"))
     write_text(out_prefix.with_name(f"{out_prefix.name}.md"), markdown)
@@ -384,22 +443,60 @@ def write_figures(metrics_paths: list[Path], summary_paths: list[Path], out_dir:
 
     attacks = attack_frame(summary_paths)
     clean = attacks.groupby(["dataset", "method", "seed"], as_index=False)["clean_accuracy"].first()
-    curve = pd.concat([clean.rename(columns={"clean_accuracy": "accuracy"}).assign(epsilon=0.0),
-                       attacks.rename(columns={"attacked_accuracy": "accuracy"})[["dataset", "method", "seed", "epsilon", "accuracy"]]])
-    curve = curve.drop_duplicates(["dataset", "method", "seed", "epsilon"]).assign(**{k: curve[k].map(f) for k, f in names.items()})
+    curve = pd.concat(
+        [
+            clean.rename(columns={"clean_accuracy": "accuracy"}).assign(epsilon=0.0),
+            attacks.rename(columns={"attacked_accuracy": "accuracy"})[
+                ["dataset", "method", "seed", "epsilon", "accuracy"]
+            ],
+        ]
+    )
+    curve = curve.drop_duplicates(["dataset", "method", "seed", "epsilon"]).assign(
+        **{k: curve[k].map(f) for k, f in names.items()}
+    )
     hue_order = [METHOD_NAMES.get(m, m) for m in _order(attacks["method"].tolist(), METHOD_ORDER)]
-    grid = sns.relplot(data=curve, x="epsilon", y="accuracy", hue="method", hue_order=hue_order, col="dataset",
-                       kind="line", marker="o", errorbar="sd", height=3, aspect=1.2, facet_kws={"sharey": False})
+    grid = sns.relplot(
+        data=curve,
+        x="epsilon",
+        y="accuracy",
+        hue="method",
+        hue_order=hue_order,
+        col="dataset",
+        kind="line",
+        marker="o",
+        errorbar="sd",
+        height=3,
+        aspect=1.2,
+        facet_kws={"sharey": False},
+    )
     grid.set_axis_labels("ε (l2 radius of k-PGD)", "accuracy under attack (%)")
     written += _save_figure(grid, out_dir, "robustness_vs_epsilon")
     plt.close(grid.figure)
 
-    distances = attacks.melt(id_vars=["dataset", "method", "seed", "epsilon"], value_vars=["mean_cosine", "mean_euclidean"],
-                             var_name="measure", value_name="value")
-    distances["measure"] = distances["measure"].map({"mean_cosine": "cosine similarity", "mean_euclidean": "Euclidean distance"})
+    distances = attacks.melt(
+        id_vars=["dataset", "method", "seed", "epsilon"],
+        value_vars=["mean_cosine", "mean_euclidean"],
+        var_name="measure",
+        value_name="value",
+    )
+    distances["measure"] = distances["measure"].map(
+        {"mean_cosine": "cosine similarity", "mean_euclidean": "Euclidean distance"}
+    )
     distances = distances.assign(**{k: distances[k].map(f) for k, f in names.items()})
-    grid = sns.catplot(data=distances, x="method", y="value", hue="epsilon", order=hue_order, row="measure",
-                       col="dataset", kind="bar", errorbar="sd", height=2.8, aspect=1.3, sharey=False)
+    grid = sns.catplot(
+        data=distances,
+        x="method",
+        y="value",
+        hue="epsilon",
+        order=hue_order,
+        row="measure",
+        col="dataset",
+        kind="bar",
+        errorbar="sd",
+        height=2.8,
+        aspect=1.3,
+        sharey=False,
+    )
     grid.set_axis_labels("", "")
     grid.set_titles("{row_name} | {col_name}")
     written += _save_figure(grid, out_dir, "representation_distance")
@@ -408,14 +505,32 @@ def write_figures(metrics_paths: list[Path], summary_paths: list[Path], out_dir:
     history = []
     for path in map(Path, metrics_paths):
         m = read_json(path, "metrics file")
-        history += [{"dataset": m["dataset"], "method": m["method"], "seed": m["seed"], "epoch": h["epoch"],
-                     "dev accuracy (%)": 100.0 * h["dev_accuracy"]} for h in m.get("history", [])]
+        history += [
+            {
+                "dataset": m["dataset"],
+                "method": m["method"],
+                "seed": m["seed"],
+                "epoch": h["epoch"],
+                "dev accuracy (%)": 100.0 * h["dev_accuracy"],
+            }
+            for h in m.get("history", [])
+        ]
     if history:
         frame = pd.DataFrame(history)
         frame = frame.assign(**{k: frame[k].map(f) for k, f in names.items()})
-        grid = sns.relplot(data=frame, x="epoch", y="dev accuracy (%)", hue="method", hue_order=hue_order,
-                           col="dataset", kind="line", errorbar="sd", height=3, aspect=1.2,
-                           facet_kws={"sharey": False, "sharex": False})
+        grid = sns.relplot(
+            data=frame,
+            x="epoch",
+            y="dev accuracy (%)",
+            hue="method",
+            hue_order=hue_order,
+            col="dataset",
+            kind="line",
+            errorbar="sd",
+            height=3,
+            aspect=1.2,
+            facet_kws={"sharey": False, "sharex": False},
+        )
         written += _save_figure(grid, out_dir, "learning_curves")
         plt.close(grid.figure)
     return written

@@ -80,7 +80,12 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> Tensor:
 
 
 def batches(
-    split: EncodedSplit, order: Tensor, batch_size: int, pad_id: int, start: int = 0, collective: Collective | None = None,
+    split: EncodedSplit,
+    order: Tensor,
+    batch_size: int,
+    pad_id: int,
+    start: int = 0,
+    collective: Collective | None = None,
 ) -> Iterator[Batch]:
     """Batches of ``order`` from batch number ``start``; with several ranks, each yields its share of each batch."""
     rank, world = (collective.rank, collective.world_size) if collective else (0, 1)
@@ -99,7 +104,11 @@ def steps_in_epoch(num_rows: int, batch_size: int, world_size: int = 1) -> int:
 
 @torch.no_grad()
 def evaluate(
-    model: TextClassifier, split: EncodedSplit, batch_size: int, pad_id: int, device: torch.device,
+    model: TextClassifier,
+    split: EncodedSplit,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[float, Tensor]:
     """Accuracy and predictions on a split, in eval mode."""
@@ -148,8 +157,14 @@ def carl_schedule(start_step: int | None, start_epoch: float | None, steps_per_e
 
 
 def build_method(
-    name: str, config: Config, dataset: str, model: TextClassifier, train_labels: Tensor, seed: int,
-    steps_per_epoch: int, collective: Collective | None = None,
+    name: str,
+    config: Config,
+    dataset: str,
+    model: TextClassifier,
+    train_labels: Tensor,
+    seed: int,
+    steps_per_epoch: int,
+    collective: Collective | None = None,
 ) -> Method:
     if name not in METHODS:
         raise CarlrarError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
@@ -160,8 +175,16 @@ def build_method(
         tau, bank_start = carl_schedule(ds.carl.start_step, ds.carl.start_epoch, steps_per_epoch)
         carl = config.training["carl"]
         try:
-            loss = CARLLoss(train_labels, model.config.hidden_size, ds.carl.negatives, temperature=carl["temperature"],
-                            momentum=carl["momentum"], loss=carl["loss"], seed=seed, collective=collective)
+            loss = CARLLoss(
+                train_labels,
+                model.config.hidden_size,
+                ds.carl.negatives,
+                temperature=carl["temperature"],
+                momentum=carl["momentum"],
+                loss=carl["loss"],
+                seed=seed,
+                collective=collective,
+            )
         except ValueError as exc:
             raise CarlrarError(f"CARL on {dataset}: {exc}") from None
         auxiliaries.append(CARLObjective(loss, start_step=tau, bank_start_step=bank_start))
@@ -273,13 +296,23 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 def _versions() -> dict[str, str]:
     import transformers
 
-    return {"carlrar": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "carlrar": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def _make_optimizer(params: list[nn.Parameter], named: dict[int, str], lr: float, weight_decay: float) -> torch.optim.AdamW:
+def _make_optimizer(
+    params: list[nn.Parameter], named: dict[int, str], lr: float, weight_decay: float
+) -> torch.optim.AdamW:
     """AdamW without weight decay on biases and LayerNorm weights, as in run_glue_no_trainer.py."""
-    no_decay = [p for p in params if named[id(p)].endswith("bias") or "LayerNorm" in named[id(p)] or "norm" in named[id(p)].lower()]
+    no_decay = [
+        p
+        for p in params
+        if named[id(p)].endswith("bias") or "LayerNorm" in named[id(p)] or "norm" in named[id(p)].lower()
+    ]
     no_decay_ids = {id(p) for p in no_decay}
     decay = [p for p in params if id(p) not in no_decay_ids]
     return torch.optim.AdamW(
@@ -294,7 +327,12 @@ class TrainResult:
 
 
 def train(
-    config: Config, dataset: str, method_name: str, seed: int, data_dir: str | Path, run_dir: str | Path,
+    config: Config,
+    dataset: str,
+    method_name: str,
+    seed: int,
+    data_dir: str | Path,
+    run_dir: str | Path,
     device_request: str = "auto",
 ) -> TrainResult:
     """Train one (dataset, method, seed) run into ``run_dir``; resume from its checkpoint if there is one.
@@ -315,8 +353,15 @@ def train(
 
 
 def _train(
-    config: Config, dataset: str, method_name: str, seed: int, data_dir: Path, run_dir: Path,
-    manifest: dict[str, Any], device: torch.device, collective: Collective,
+    config: Config,
+    dataset: str,
+    method_name: str,
+    seed: int,
+    data_dir: Path,
+    run_dir: Path,
+    manifest: dict[str, Any],
+    device: torch.device,
+    collective: Collective,
 ) -> TrainResult:
     from transformers import set_seed
 
@@ -359,7 +404,13 @@ def _train(
         _restore_optimizer(optimizer, state["optimizer"])
         scheduler.load_state_dict(json.loads(state["scheduler"]))
         _restore_rng(state["rng"][str(collective.rank)], device)
-        log.info("resumed %s at step %d (epoch %d, batch %d)", run_dir, progress.step, progress.epoch, progress.batch_in_epoch)
+        log.info(
+            "resumed %s at step %d (epoch %d, batch %d)",
+            run_dir,
+            progress.step,
+            progress.epoch,
+            progress.batch_in_epoch,
+        )
 
     def checkpoint() -> None:
         """Called on every rank: rank 0 writes the shared state and every rank's RNG."""
@@ -375,17 +426,30 @@ def _train(
 
     def save_best() -> None:
         with atomic_dir(best_dir) as tmp:
-            save_file({f"{mname}.{k}": v for mname, module in modules.items() if any(True for _ in module.parameters())
-                       for k, v in _module_state(module).items() if isinstance(v, Tensor)},
-                      str(tmp / "weights.safetensors"))
+            save_file(
+                {
+                    f"{mname}.{k}": v
+                    for mname, module in modules.items()
+                    if any(True for _ in module.parameters())
+                    for k, v in _module_state(module).items()
+                    if isinstance(v, Tensor)
+                },
+                str(tmp / "weights.safetensors"),
+            )
             model.encoder.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
 
     def run_eval() -> None:
         if main:
             accuracy, _ = evaluate(model, dev_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)
-            progress.history.append({"step": progress.step, "epoch": progress.step / steps_per_epoch,
-                                     "dev_accuracy": accuracy, "train_loss": running_loss()})
+            progress.history.append(
+                {
+                    "step": progress.step,
+                    "epoch": progress.step / steps_per_epoch,
+                    "dev_accuracy": accuracy,
+                    "train_loss": running_loss(),
+                }
+            )
             log.info("step %d: dev accuracy %.4f", progress.step, accuracy)
             if accuracy > progress.best_dev_accuracy:
                 progress.best_dev_accuracy, progress.best_step = accuracy, progress.step
@@ -398,8 +462,14 @@ def _train(
         return sum(losses) / len(losses) if losses else None
 
     model.train()
-    bar = tqdm(total=total_steps, initial=progress.step, desc=f"{dataset}/{method_name}/seed{seed}", unit="step",
-               dynamic_ncols=True, disable=None if main else True)
+    bar = tqdm(
+        total=total_steps,
+        initial=progress.step,
+        desc=f"{dataset}/{method_name}/seed{seed}",
+        unit="step",
+        dynamic_ncols=True,
+        disable=None if main else True,
+    )
     started = time.perf_counter() - progress.train_seconds
     correct = seen = 0
     while progress.step < total_steps:
@@ -421,13 +491,20 @@ def _train(
             progress.recent_losses.append(out.total)
             progress.train_seconds = time.perf_counter() - started
             bar.update(1)
-            bar.set_postfix(loss=f"{out.total:.4f}", acc=f"{correct / seen:.3f}",
-                            samples_s=f"{progress.samples_seen / max(progress.train_seconds, 1e-9):.1f}")
+            bar.set_postfix(
+                loss=f"{out.total:.4f}",
+                acc=f"{correct / seen:.3f}",
+                samples_s=f"{progress.samples_seen / max(progress.train_seconds, 1e-9):.1f}",
+            )
             end_of_epoch = progress.batch_in_epoch == steps_per_epoch
             if end_of_epoch:
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
-            if end_of_epoch or progress.step == total_steps or (tcfg["eval_every"] and progress.step % tcfg["eval_every"] == 0):
+            if (
+                end_of_epoch
+                or progress.step == total_steps
+                or (tcfg["eval_every"] and progress.step % tcfg["eval_every"] == 0)
+            ):
                 run_eval()
             elif tcfg["checkpoint_every"] and progress.step % tcfg["checkpoint_every"] == 0:
                 checkpoint()
@@ -445,18 +522,33 @@ def _train(
     )
     evaluated = manifest["evaluation_split"]
     metrics = {
-        "dataset": dataset, "method": method_name, "seed": seed, "evaluated_split": evaluated,
-        "dev_accuracy": progress.best_dev_accuracy, "test_accuracy": test_accuracy,
+        "dataset": dataset,
+        "method": method_name,
+        "seed": seed,
+        "evaluated_split": evaluated,
+        "dev_accuracy": progress.best_dev_accuracy,
+        "test_accuracy": test_accuracy,
         "eval_accuracy": progress.best_dev_accuracy if evaluated == "dev" else test_accuracy,
-        "best_step": progress.best_step, "params": count_parameters(nn.ModuleList(list(modules.values()))),
-        "steps": progress.step, "epochs": progress.step / steps_per_epoch, "train_seconds": progress.train_seconds,
+        "best_step": progress.best_step,
+        "params": count_parameters(nn.ModuleList(list(modules.values()))),
+        "steps": progress.step,
+        "epochs": progress.step / steps_per_epoch,
+        "train_seconds": progress.train_seconds,
         "samples_per_second": progress.samples_seen / max(progress.train_seconds, 1e-9),
-        "device": str(device), "world_size": collective.world_size, "history": progress.history,
-        "config": {"model": config.model, "data": config.raw["data"], "training": tcfg,
-                   "dataset": config.raw["datasets"][dataset]},
+        "device": str(device),
+        "world_size": collective.world_size,
+        "history": progress.history,
+        "config": {
+            "model": config.model,
+            "data": config.raw["data"],
+            "training": tcfg,
+            "dataset": config.raw["datasets"][dataset],
+        },
         "versions": _versions(),
-        "data": {"manifest_sha256": sha256_file(data_dir / "manifest.json"),
-                 "splits": {s: info["sha256"] for s, info in manifest["splits"].items()}},
+        "data": {
+            "manifest_sha256": sha256_file(data_dir / "manifest.json"),
+            "splits": {s: info["sha256"] for s, info in manifest["splits"].items()},
+        },
     }
     write_json(run_dir / "metrics.json", metrics)
     collective.barrier()

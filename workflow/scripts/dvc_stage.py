@@ -82,8 +82,11 @@ def summarise_table(path: Path) -> dict | None:
         return None
     columns = list(rows[0])
     # numbers, or empty where a value does not apply (no FreeLB run to compare with)
-    numeric = [c for c in columns if any(row[c] for row in rows)
-               and all(not row[c] or _number(row[c]) is not None for row in rows)]
+    numeric = [
+        c
+        for c in columns
+        if any(row[c] for row in rows) and all(not row[c] or _number(row[c]) is not None for row in rows)
+    ]
     keys = [c for c in columns if c not in numeric]
     for column in [None, *numeric]:
         if column is not None:
