@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import TINY_BERT, tiny_config
 
 from carlrar import attacks
 from carlrar.adversary import Batch
@@ -26,7 +27,6 @@ from carlrar.models import load_model
 from carlrar.reconstruction import build_reconstructor, decode_argmax, reconstruction_loss
 from carlrar.training import train
 
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 MARKERS = (1102, 1101)  # label 0 / label 1; filler words are ids 1000-1099
 
 
@@ -60,7 +60,7 @@ def toy_batch(n: int, seed: int) -> Batch:
 def toy():
     """A tiny classifier trained for 30 steps: right on all 64 test examples, yet breakable at epsilon 0.4."""
     torch.manual_seed(0)
-    model, _ = load_model("random:minilm-l6", 2, {**TINY, "vocab_size": 1200})
+    model, _ = load_model("random:minilm-l6", 2, {**TINY_BERT, "vocab_size": 1200})
     data, test = toy_batch(256, 1), toy_batch(64, 2)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
@@ -153,7 +153,7 @@ def test_parameters_are_frozen_and_eval_mode_is_kept(toy) -> None:
 
 def test_unattacked_input_decodes_to_itself_through_a_copy_reconstructor() -> None:
     torch.manual_seed(0)
-    model, tokenizer = load_model("random:minilm-l6", 2, TINY)
+    model, tokenizer = load_model("random:minilm-l6", 2, TINY_BERT)
     reconstructor = build_reconstructor(model, "random:minilm-l6")
     sentences = ["the film is good.", "a bad plot, sadly", "it was fine", "what a wonderful cast!"]
     enc = tokenizer(sentences, padding=True, return_tensors="pt")
@@ -192,25 +192,6 @@ def test_unattacked_input_decodes_to_itself_through_a_copy_reconstructor() -> No
 
 
 # --- whole runs ---------------------------------------------------------------------------------------------
-
-
-def tiny_config(**training) -> dict:
-    return {
-        "run_name": "t",
-        "data": {"seed": 3, "max_length": 16},
-        "model": {"name": "random:minilm-l6", "overrides": TINY},
-        "training": {"epochs": 3, "eval_every": 0, "eval_batch_size": 16, "learning_rate": 3e-3, **training},
-        "datasets": {
-            "sst2": {
-                "per_class": {"train": "all", "dev": "all", "test": 0},
-                "dev_source": "official",
-                "evaluate": "dev",
-                "batch_size": 8,
-                "freelb": {"init_mag": 0.6, "adv_lr": 0.1, "adv_max_norm": 0.0, "adv_steps": 2},
-                "carl": {"start_epoch": 1, "negatives": 5},
-            }
-        },
-    }
 
 
 @pytest.fixture(scope="module")

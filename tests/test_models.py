@@ -12,21 +12,13 @@ import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import SHARED, TINY_ALBERT, TINY_BERT
 from torch import nn
 from transformers import AlbertModel
 
 from carlrar.models import ModelLoadError, TextClassifier, count_parameters, load_model
 
-SHARED = Path(os.environ.get("CARLRAR_SHARED", Path(__file__).parents[1].parent / "shared"))
 ALBERT = SHARED / "albert"
-TINY_ALBERT = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "embedding_size": 16,
-}
-TINY_BERT = {k: v for k, v in TINY_ALBERT.items() if k != "embedding_size"}
 TINY = {f"random:{ALBERT}": TINY_ALBERT, "random:minilm-l6": TINY_BERT}
 
 

@@ -7,11 +7,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: no network here
 
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import RANDOM_ALBERT, TINY_ALBERT
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -22,17 +22,6 @@ from carlrar.reconstruction import (
     decode_argmax,
     reconstruction_loss,
 )
-
-SHARED = Path(os.environ.get("CARLRAR_SHARED", Path(__file__).parents[1].parent / "shared"))
-ALBERT = SHARED / "albert"
-RANDOM_ALBERT = f"random:{ALBERT}"
-TINY_ALBERT = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "embedding_size": 16,
-}
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_config
 
 from carlrar import training
 from carlrar.config import from_mapping
@@ -18,37 +19,6 @@ from carlrar.data import prepare_dataset
 from carlrar.devices import lease_gpu, visible_gpu_ids
 from carlrar.errors import CarlrarError
 from carlrar.training import carl_schedule, train
-
-TINY_MODEL = {
-    "name": "random:minilm-l6",
-    "overrides": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
-}
-
-
-def tiny_config(**training_overrides) -> dict:
-    return {
-        "run_name": "t",
-        "data": {"seed": 3, "max_length": 16},
-        "model": TINY_MODEL,
-        "training": {
-            "epochs": 4,
-            "eval_every": 0,
-            "eval_batch_size": 16,
-            "learning_rate": 3e-3,
-            "checkpoint_every": 3,
-            **training_overrides,
-        },
-        "datasets": {
-            "sst2": {
-                "per_class": {"train": "all", "dev": "all", "test": 0},
-                "dev_source": "official",
-                "evaluate": "dev",
-                "batch_size": 8,
-                "freelb": {"init_mag": 0.6, "adv_lr": 0.1, "adv_max_norm": 0.0, "adv_steps": 2},
-                "carl": {"start_epoch": 1, "negatives": 5},
-            }
-        },
-    }
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +39,20 @@ def learnable_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "sst2/train.tsv").write_text(rows(40))
     (root / "sst2/dev.tsv").write_text(rows(16))
     out = tmp_path_factory.mktemp("prepared") / "sst2"
-    prepare_dataset(from_mapping(tiny_config()), "sst2", root, out)
+    prepare_dataset(from_mapping(tiny_config(checkpoint_every=3)), "sst2", root, out)
     return out
 
 
 def test_base_learns_a_learnable_task(tmp_path: Path, learnable_data: Path) -> None:
-    result = train(from_mapping(tiny_config(epochs=8)), "sst2", "base", 1, learnable_data, tmp_path / "run", "cpu")
+    result = train(
+        from_mapping(tiny_config(checkpoint_every=3, epochs=8)),
+        "sst2",
+        "base",
+        1,
+        learnable_data,
+        tmp_path / "run",
+        "cpu",
+    )
     metrics = result.metrics
     assert metrics["dev_accuracy"] >= 0.9, metrics["history"]
     assert metrics["history"][0]["dev_accuracy"] <= metrics["dev_accuracy"]
@@ -82,7 +60,13 @@ def test_base_learns_a_learnable_task(tmp_path: Path, learnable_data: Path) -> N
 
 def test_metrics_record_config_versions_and_data(tmp_path: Path, learnable_data: Path) -> None:
     metrics = train(
-        from_mapping(tiny_config(epochs=1)), "sst2", "freelb", 2, learnable_data, tmp_path / "r", "cpu"
+        from_mapping(tiny_config(checkpoint_every=3, epochs=1)),
+        "sst2",
+        "freelb",
+        2,
+        learnable_data,
+        tmp_path / "r",
+        "cpu",
     ).metrics
     on_disk = json.loads((tmp_path / "r/metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
@@ -120,7 +104,7 @@ class _Killed(Exception):
 def test_killed_run_resumes_to_identical_metrics(
     tmp_path: Path, learnable_data: Path, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = from_mapping(tiny_config(epochs=3))
+    config = from_mapping(tiny_config(checkpoint_every=3, epochs=3))
     reference = train(config, "sst2", method, 7, learnable_data, tmp_path / "reference", "cpu").metrics
 
     real_step = training.adversarial_backward
@@ -155,7 +139,7 @@ def test_killed_run_resumes_to_identical_metrics(
 
 
 def test_rerunning_a_finished_run_changes_nothing(tmp_path: Path, learnable_data: Path) -> None:
-    config = from_mapping(tiny_config(epochs=1))
+    config = from_mapping(tiny_config(checkpoint_every=3, epochs=1))
     first = train(config, "sst2", "base", 1, learnable_data, tmp_path / "r", "cpu").metrics
     again = train(config, "sst2", "base", 1, learnable_data, tmp_path / "r", "cpu").metrics
     assert again["history"] == first["history"] and again["steps"] == first["steps"]
@@ -170,7 +154,7 @@ def test_carl_schedule_writes_banks_a_full_epoch_before_tau() -> None:
 
 
 def test_carl_with_too_few_negatives_fails_at_start(tmp_path: Path, learnable_data: Path) -> None:
-    config = tiny_config()
+    config = tiny_config(checkpoint_every=3)
     config["datasets"]["sst2"]["carl"]["negatives"] = 21  # each class has 20 rows of the other label
     with pytest.raises(CarlrarError, match="CARL on sst2: class 0"):
         train(from_mapping(config), "sst2", "carl", 1, learnable_data, tmp_path / "r", "cpu")
