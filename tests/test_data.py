@@ -328,3 +328,10 @@ def test_overrides_set_nested_keys_and_are_validated(tmp_path: Path) -> None:
         load_config(path, ["data.seed"])
     with pytest.raises(ConfigError, match="'seed' holds a value"):
         load_config(path, ["data.seed.x=1"])
+
+
+def test_dataset_names_agree_across_config_schema_and_loaders() -> None:
+    from carlrar.config import DATASET_NAMES, load_schema
+
+    assert set(DATASET_NAMES) == set(DATASETS)
+    assert set(load_schema()["properties"]["datasets"]["propertyNames"]["enum"]) == set(DATASET_NAMES)

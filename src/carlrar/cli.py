@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from carlrar.config import DATASET_NAMES, METHODS
 from carlrar.errors import CarlrarError
 
 
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set data.seed=7 (repeatable; values are YAML)",
     )
-    prepare.add_argument("--dataset", required=True, choices=["sst2", "ag_news", "yelp_polarity", "yahoo_answers"])
+    prepare.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     prepare.add_argument("--raw-dir", type=Path, help="folder of raw datasets (default: the config's raw_dir)")
     prepare.add_argument("--out", required=True, type=Path, help="output folder, e.g. data/processed/sst2")
     prepare.set_defaults(run=_cmd_prepare)
@@ -246,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set datasets.sst2.freelb.adv_lr=0.05 (repeatable)",
     )
-    train.add_argument("--dataset", required=True, choices=["sst2", "ag_news", "yelp_polarity", "yahoo_answers"])
-    train.add_argument("--method", required=True, choices=["base", "freelb", "carl", "rar", "carl_rar"])
+    train.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    train.add_argument("--method", required=True, choices=METHODS)
     train.add_argument("--seed", required=True, type=int, help="training seed (model init, order, dropout, negatives)")
     train.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
     train.add_argument("--out", required=True, type=Path, help="run folder")

@@ -17,12 +17,13 @@ from typing import Any
 
 import pandas as pd
 
+from carlrar.config import METHODS
 from carlrar.errors import CarlrarError
 from carlrar.storage import read_json, write_text
 
 DATASET_ORDER = ("sst2", "yahoo_answers", "yelp_polarity", "ag_news")
 DATASET_NAMES = {"sst2": "SST-2", "yahoo_answers": "Yahoo! Answers", "yelp_polarity": "Yelp-P", "ag_news": "AG's News"}
-METHOD_ORDER = ("base", "freelb", "carl", "rar", "carl_rar")
+METHOD_ORDER = METHODS
 METHOD_NAMES = {"base": "Base (fine-tuning)", "freelb": "FreeLB", "carl": "CARL", "rar": "RAR", "carl_rar": "CARL+RAR"}
 REFERENCE_METHOD = "freelb"
 TABLE2_COLUMNS = ["dataset", "method", "seeds", "mean", "std", "delta_vs_freelb"]
