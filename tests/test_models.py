@@ -93,11 +93,33 @@ def test_sentence_is_pooled_output_when_there_is_a_pooler() -> None:
     torch.testing.assert_close(out.sentence, pooled)
     assert not torch.allclose(out.sentence, out.tokens[:, 0])
 
-    torch.manual_seed(0)
-    no_pooler = TextClassifier(AlbertModel(model.config, add_pooling_layer=False), 3).eval()
-    with torch.no_grad():
-        out = no_pooler(**inputs)
-    torch.testing.assert_close(out.sentence, out.tokens[:, 0])
+    with pytest.raises(ValueError, match="no pooler; choose pooling 'cls' or 'mean'"):
+        TextClassifier(AlbertModel(model.config, add_pooling_layer=False), 3)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_cls_and_mean_pooling_drop_the_pooler_and_read_the_token_states(name: str) -> None:
+    inputs = batch(tiny(name).config.vocab_size)
+    for pooling in ("cls", "mean"):
+        torch.manual_seed(0)
+        model, _ = load_model(name, 3, TINY[name], pooling=pooling)
+        model.eval()
+        assert model.encoder.pooler is None  # neither computed nor counted (Table 7)
+        with torch.no_grad():
+            out = model(**inputs)
+        if pooling == "cls":
+            expected = out.tokens[:, 0]
+        else:  # the second sentence has 4 real tokens: padding must not enter its mean
+            expected = torch.stack([out.tokens[0].mean(0), out.tokens[1, :4].mean(0)])
+        torch.testing.assert_close(out.sentence, expected)
+        torch.testing.assert_close(out.logits, model.classifier(out.sentence))
+    pooler_size = sum(p.numel() for p in tiny(name).encoder.pooler.parameters())
+    assert count_parameters(tiny(name)) - count_parameters(model) == pooler_size > 0
+
+
+def test_unknown_pooling_is_refused() -> None:
+    with pytest.raises(ModelLoadError, match="pooling 'max' is not one of pooler, cls, mean"):
+        load_model(f"random:{ALBERT}", 2, TINY_ALBERT, pooling="max")
 
 
 def test_count_parameters_counts_tied_weights_once() -> None:

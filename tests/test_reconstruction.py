@@ -11,16 +11,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import RANDOM_ALBERT, TINY_ALBERT
+from tiny import RANDOM_ALBERT, TINY_ALBERT, TINY_BERT
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from carlrar.adversary import Batch
 from carlrar.models import TextClassifier, count_parameters, load_model
 from carlrar.reconstruction import (
     Reconstructor,
     build_reconstructor,
     decode_argmax,
+    head_state,
+    load_head_state,
     reconstruction_loss,
+    token_accuracy,
+    warm_up,
 )
 
 
@@ -109,3 +114,47 @@ def test_checkpoint_without_mlm_head_warns(caplog: pytest.LogCaptureFixture) -> 
     assert len(warnings) == 1
     assert "no pretrained masked-LM head" in warnings[0].getMessage()
     assert reconstructor.decoder.weight is model.word_embeddings().weight
+
+
+def _sentences(tokenizer: PreTrainedTokenizerBase) -> Batch:
+    texts = ["a fine film", "dull and long", "the cast is good", "no plot at all", "a bad ending"]
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    n = len(texts)
+    return Batch(inputs["input_ids"], inputs["attention_mask"], torch.zeros(n, dtype=torch.long), torch.arange(n))
+
+
+def test_warm_up_fits_the_head_alone_and_raises_token_accuracy() -> None:
+    torch.manual_seed(0)
+    model, tokenizer = load_model("random:minilm-l6", 2, TINY_BERT)
+    reconstructor = build_reconstructor(model, "random:minilm-l6")
+    batch = _sentences(tokenizer)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    head_before = {k: v.clone() for k, v in head_state(reconstructor).items()}
+
+    before = token_accuracy(model, reconstructor, [batch])
+    losses = warm_up(model, reconstructor, [batch] * 60, learning_rate=0.1)
+    after = token_accuracy(model, reconstructor, [batch])
+
+    assert len(losses) == 60 and losses[-1] < losses[0] / 5
+    assert before < 0.2 and after > 0.9, (before, after)
+    for key, value in model.state_dict().items():  # encoder, classifier and the tied embedding matrix untouched
+        assert torch.equal(value, frozen[key]), key
+    assert reconstructor.decoder.weight.requires_grad  # restored for RAR's own training
+    assert any(not torch.equal(v, head_before[k]) for k, v in head_state(reconstructor).items())
+
+
+def test_head_state_round_trip_keeps_the_decoder_tied() -> None:
+    torch.manual_seed(0)
+    model, _ = load_model(RANDOM_ALBERT, 2, TINY_ALBERT)
+    source = build_reconstructor(model, RANDOM_ALBERT)
+    state = head_state(source)
+    assert not any(key.endswith("decoder.weight") for key in state)  # the embedding matrix is the model's
+
+    torch.manual_seed(1)
+    target = build_reconstructor(model, RANDOM_ALBERT)
+    load_head_state(target, state)
+    assert target.decoder.weight is model.word_embeddings().weight
+    for key, value in head_state(target).items():
+        assert torch.equal(value, state[key]), key
+    with pytest.raises(ValueError, match="does not fit this head"):
+        load_head_state(target, {**state, "head.extra": torch.zeros(1)})

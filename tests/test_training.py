@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -94,6 +95,39 @@ def test_metrics_record_config_versions_and_data(tmp_path: Path, learnable_data:
     # checkpoints are safetensors + JSON, never pickle
     assert sorted(p.name for p in (tmp_path / "r/checkpoint").iterdir()) == ["state.json", "state.safetensors"]
     assert (tmp_path / "r/best/weights.safetensors").is_file()
+
+
+def test_eval_predictions_are_the_reported_accuracy(tmp_path: Path, learnable_data: Path) -> None:
+    metrics = train(
+        from_mapping(tiny_config(epochs=2)), "sst2", "base", 3, learnable_data, tmp_path / "r", "cpu"
+    ).metrics
+    predictions = pd.read_parquet(tmp_path / "r" / metrics["predictions"])
+    dev = pd.read_parquet(learnable_data / "dev.parquet")
+    assert list(predictions["row"]) == list(range(len(dev)))
+    assert list(predictions["gold"]) == list(dev["label"])
+    assert (predictions["gold"] == predictions["pred"]).mean() == pytest.approx(metrics["eval_accuracy"])
+
+
+def test_rar_starts_from_one_shared_warmup(tmp_path: Path, learnable_data: Path) -> None:
+    """A run given the dataset's warm-up equals a run that makes its own; a warm-up of other settings is refused."""
+    warm = {"warmup_steps": 15, "warmup_learning_rate": 0.05, "warmup_batch_size": 8}
+    config = from_mapping(tiny_config(epochs=2, rar=warm))
+    own = train(config, "sst2", "rar", 4, learnable_data, tmp_path / "own", "cpu").metrics
+    accuracy = own["reconstruction_dev_token_accuracy"]
+    assert accuracy["after_warmup"] > accuracy["before_warmup"] + 0.2, accuracy
+    assert 0.0 <= accuracy["end"] <= 1.0
+
+    record = training.warm_up_reconstructor(config, "sst2", learnable_data, tmp_path / "shared", "cpu")
+    assert record["dev_token_accuracy_after"] == accuracy["after_warmup"] and len(record["losses"]) == 15
+    shared = train(config, "sst2", "carl_rar", 4, learnable_data, tmp_path / "carl_rar", "cpu", tmp_path / "shared")
+    assert shared.metrics["reconstruction_dev_token_accuracy"]["after_warmup"] == accuracy["after_warmup"]
+    again = train(config, "sst2", "rar", 4, learnable_data, tmp_path / "again", "cpu", tmp_path / "shared").metrics
+    assert again["history"] == own["history"] and again["reconstruction_dev_token_accuracy"] == accuracy
+    assert not (tmp_path / "again/rar_warmup").exists()
+
+    other = from_mapping(tiny_config(epochs=2, rar={**warm, "warmup_steps": 16}))
+    with pytest.raises(CarlrarError, match="made with other warmup than this run"):
+        train(other, "sst2", "rar", 4, learnable_data, tmp_path / "other", "cpu", tmp_path / "shared")
 
 
 class _Killed(Exception):

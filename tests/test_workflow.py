@@ -66,8 +66,9 @@ def test_paper_config_plans_the_full_grid(raw_dir: Path, paper_config_path: Path
         "table7": 1,
         "robustness_tables": 1,
         "figures": 1,
+        "paired_table": 1,
         "all": 1,
-        "total": 135,
+        "total": 136,
     }
     assert planned_wildcards(output, "prepare") == {(d,) for d in datasets}
     assert planned_wildcards(output, "train") == {(d, m, str(s)) for d in datasets for m in methods for s in seeds}
@@ -88,8 +89,9 @@ def test_command_line_configfile_replaces_the_paper_config(raw_dir: Path) -> Non
         "table7": 1,
         "robustness_tables": 1,
         "figures": 1,
+        "paired_table": 1,
         "all": 1,
-        "total": 14,
+        "total": 15,
     }
     assert planned_wildcards(output, "train") == {("sst2", m, s) for m in ("base", "freelb") for s in ("1", "2")}
     assert "results/smoke/tables/table2_accuracy.csv" in output
@@ -212,6 +214,7 @@ def test_quick_config_plans_every_table_and_figure(raw_dir: Path) -> None:
     output = result.stdout + result.stderr
     assert job_counts(output) == {
         "prepare": 2,
+        "rar_warmup": 2,  # MiniLM has no MLM head: one reconstructor warm-up per dataset, shared by every seed
         "train": 20,
         "attack": 10,
         "samples": 4,
@@ -219,8 +222,16 @@ def test_quick_config_plans_every_table_and_figure(raw_dir: Path) -> None:
         "table7": 1,
         "robustness_tables": 1,
         "figures": 1,
+        "paired_table": 1,
         "all": 1,
-        "total": 41,
+        "total": 44,
     }
     assert {w[0] for w in planned_wildcards(output, "attack")} == {"ag_news"}
     assert "results/quick/tables/table6_samples.md" in output
+    assert planned_wildcards(output, "rar_warmup") == {("sst2",), ("ag_news",)}
+    commands = re.findall(r"carlrar train .*$", output, flags=re.M)
+    assert len(commands) == 20
+    for command in commands:
+        dataset, method = re.search(r"--dataset (\w+) --method (\w+)", command).groups()
+        uses_warmup = f"--rar-warmup results/quick/rar_warmup/{dataset}" in command
+        assert uses_warmup == (method in ("rar", "carl_rar")), command

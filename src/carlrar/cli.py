@@ -27,9 +27,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from carlrar.config import load_config
     from carlrar.training import train
 
-    result = train(
-        load_config(args.config, args.set), args.dataset, args.method, args.seed, args.data, args.out, args.device
-    )
+    config = load_config(args.config, args.set)
+    result = train(config, args.dataset, args.method, args.seed, args.data, args.out, args.device, args.rar_warmup)
     m = result.metrics
     if not m:  # a non-zero rank of a torchrun job: rank 0 reports
         return
@@ -45,6 +44,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
         m["train_seconds"],
         args.out,
     )
+
+
+def _cmd_rar_warmup(args: argparse.Namespace) -> None:
+    from carlrar.config import load_config
+    from carlrar.training import warm_up_reconstructor
+
+    config = load_config(args.config, args.set)
+    if not config.training["rar"]["warmup_steps"]:
+        logging.warning("training.rar.warmup_steps is 0: the folder holds the untouched head")
+    warm_up_reconstructor(config, args.dataset, args.data, args.out, args.device)
 
 
 def _cmd_table2(args: argparse.Namespace) -> None:
@@ -180,8 +189,53 @@ def _cmd_robustness_tables(args: argparse.Namespace) -> None:
 def _cmd_figures(args: argparse.Namespace) -> None:
     from carlrar.reporting import write_figures
 
-    for path in write_figures(args.metrics, args.summaries, args.out_dir):
+    for path in write_figures(args.metrics, args.summaries, args.out_dir, paired=args.paired):
         logging.info("wrote %s", path)
+
+
+def _cmd_paired_table(args: argparse.Namespace) -> None:
+    from carlrar.reporting import write_table_paired
+
+    frame = write_table_paired(args.metrics, args.summaries, args.out, args.resamples, args.seed)
+    significant = int(((frame["ci95_low"] > 0) | (frame["ci95_high"] < 0)).sum()) if len(frame) else 0
+    logging.info(
+        "paired table: %d comparisons, %d with a 95 %% interval excluding 0 -> %s.{md,csv,tex}",
+        len(frame),
+        significant,
+        args.out,
+    )
+
+
+def _add_paired_parser(commands: argparse._SubParsersAction) -> None:
+    """``paired-table``: method differences on the same examples, with paired-bootstrap intervals."""
+    paired = commands.add_parser(
+        "paired-table",
+        help="paired comparison: each method minus FreeLB and minus base, clean and under attack, bootstrap CIs",
+        description=(
+            "For every dataset, every method against FreeLB and against base (where they ran): the difference in "
+            "accuracy (points) on the same examples, clean (each run's eval_predictions.parquet, beside "
+            "metrics.json) and under attack at each epsilon (the records_eps*.parquet beside summary.json). "
+            "Within each seed both runs are paired by 'row' (gold labels must agree), the per-seed differences "
+            "are averaged over the seeds both methods ran, and a paired bootstrap over examples (the same "
+            "resampled rows for both methods, numpy default_rng(SEED), RESAMPLES draws) gives the 95 % interval "
+            "(2.5th/97.5th percentiles), a two-sided p-value and the minimum detectable effect at 80 % power "
+            "((1.96 + 0.84) x bootstrap SE). Runs without per-example files are skipped with a warning. Writes "
+            "PREFIX.md, PREFIX.csv and PREFIX.tex."
+        ),
+    )
+    paired.add_argument("--metrics", required=True, nargs="+", type=Path, help="metrics.json files of finished runs")
+    paired.add_argument(
+        "--summaries", nargs="*", default=[], type=Path, help="summary.json files of 'carlrar attack' (optional)"
+    )
+    paired.add_argument("--out", required=True, type=Path, help="output prefix, e.g. results/paper/tables/table_paired")
+    paired.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples B (default: 10000)")
+    paired.add_argument(
+        "--seed",
+        type=int,
+        default=2021,
+        help="seed of the bootstrap's numpy generator, recorded in the CSV (default: 2021)",
+    )
+    paired.set_defaults(run=_cmd_paired_table)
 
 
 def _cmd_hpsearch_select(args: argparse.Namespace) -> None:
@@ -253,7 +307,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
     train.add_argument("--out", required=True, type=Path, help="run folder")
     train.add_argument("--device", default="auto", help="auto (a free GPU, else CPU), cpu, cuda or cuda:N")
+    train.add_argument(
+        "--rar-warmup",
+        type=Path,
+        help="a 'carlrar rar-warmup' folder for this dataset: rar/carl_rar start their reconstructor from it "
+        "(when training.rar.warmup_steps > 0; without it such a run makes its own warm-up in OUT/rar_warmup)",
+    )
     train.set_defaults(run=_cmd_train)
+
+    warmup = commands.add_parser(
+        "rar-warmup",
+        help="fit RAR's reconstructor head on clean inputs (encoder frozen), once per dataset, for every seed",
+        description=(
+            "For a backbone without a pretrained masked-LM head (e.g. MiniLM): train only the reconstructor head "
+            "(the tied word embeddings and the encoder stay frozen) for training.rar.warmup_steps AdamW steps on "
+            "DATA's clean training sentences, seeded by training.rar.warmup_seed. Writes "
+            "OUT/reconstructor.safetensors and OUT/warmup.json (clean-dev token reconstruction accuracy before and "
+            "after); 'carlrar train --rar-warmup OUT' starts rar and carl_rar runs from it."
+        ),
+    )
+    warmup.add_argument("--config", required=True, type=Path, help="YAML config (e.g. config/quick.yaml)")
+    warmup.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
+    warmup.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    warmup.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
+    warmup.add_argument("--out", required=True, type=Path, help="output folder (replaced atomically)")
+    warmup.add_argument("--device", default="auto", help="auto (a free GPU, else CPU), cpu, cuda or cuda:N")
+    warmup.set_defaults(run=_cmd_rar_warmup)
 
     table2 = commands.add_parser(
         "table2",
@@ -293,14 +374,25 @@ def build_parser() -> argparse.ArgumentParser:
     figures = commands.add_parser(
         "figures",
         help="figures: accuracy under attack vs epsilon, representation distance, dev learning curves",
-        description="Write PDF and PNG figures (seaborn) to OUT_DIR.",
+        description=(
+            "Write PDF and PNG figures (seaborn) to OUT_DIR: robustness_vs_epsilon (accuracy with 95 % t-intervals "
+            "over seeds, and the paired difference from FreeLB with its bootstrap interval), "
+            "representation_distance (1 - cosine and Euclidean distance, log scale) and learning_curves."
+        ),
     )
     figures.add_argument("--metrics", required=True, nargs="+", type=Path, help="metrics.json files of finished runs")
     figures.add_argument(
         "--summaries", required=True, nargs="+", type=Path, help="summary.json files of 'carlrar attack'"
     )
     figures.add_argument("--out-dir", required=True, type=Path, help="figures folder, e.g. results/paper/figures")
+    figures.add_argument(
+        "--paired",
+        type=Path,
+        help="table_paired.csv of 'carlrar paired-table' for the differences from FreeLB (default: computed from "
+        "the per-example files beside the metrics and summaries)",
+    )
     figures.set_defaults(run=_cmd_figures)
+    _add_paired_parser(commands)
 
     hpsearch = commands.add_parser(
         "hpsearch-select",

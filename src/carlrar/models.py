@@ -28,6 +28,7 @@ from carlrar.errors import CarlrarError
 
 RANDOM_PREFIX = "random:"
 MINILM_ALIAS = "minilm-l6"
+POOLINGS = ("pooler", "cls", "mean")  # model.pooling in the config schema
 
 
 class ModelLoadError(CarlrarError):
@@ -40,8 +41,8 @@ class ClassifierOutput:
 
     Attributes:
         logits: class scores [B, C].
-        sentence: sentence representation R [B, H] (pooled [CLS] if the encoder has a pooler,
-            else the final hidden state of the first token); CARL contrasts these.
+        sentence: sentence representation R [B, H], as the classifier's ``pooling`` makes it; the
+            classifier, CARL's views and the attacks' distances all read this one tensor.
         tokens: final hidden states [B, L, H]; RAR reconstructs the input from these.
     """
 
@@ -51,10 +52,24 @@ class ClassifierOutput:
 
 
 class TextClassifier(nn.Module):
-    """Encoder + dropout + linear layer (Eq. 8), with the word-embedding lookup open to FreeLB."""
+    """Encoder + dropout + linear layer (Eq. 8), with the word-embedding lookup open to FreeLB.
 
-    def __init__(self, encoder: PreTrainedModel, num_labels: int) -> None:
+    ``pooling`` makes the sentence representation R from the encoder's output:
+    ``pooler`` the pooled [CLS] (the paper's choice for ALBERT; the encoder must have a pooler),
+    ``cls`` the final [CLS] state, ``mean`` the masked mean of the final token states (what
+    sentence-transformers checkpoints such as MiniLM were trained to produce). With ``cls`` or ``mean``
+    the unused pooler is removed, so it is neither computed nor counted in Table 7.
+    """
+
+    def __init__(self, encoder: PreTrainedModel, num_labels: int, pooling: str = "pooler") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+        if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
+            raise ValueError(f"{type(encoder).__name__} has no pooler; choose pooling 'cls' or 'mean'")
+        if pooling != "pooler" and getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None
+        self.pooling = pooling
         self.encoder = encoder
         self.dropout = nn.Dropout(_classifier_dropout(encoder.config))
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
@@ -99,10 +114,20 @@ class TextClassifier(nn.Module):
             token_type_ids=token_type_ids,
         )
         tokens = out.last_hidden_state
-        pooled = getattr(out, "pooler_output", None)
-        sentence = pooled if pooled is not None else tokens[:, 0]
+        sentence = self.pool(tokens, out, attention_mask)
         logits = self.classifier(self.dropout(sentence))
         return ClassifierOutput(logits=logits, sentence=sentence, tokens=tokens)
+
+    def pool(self, tokens: torch.Tensor, out: Any, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """R from the encoder's output, by ``self.pooling``; padding never enters the mean."""
+        if self.pooling == "pooler":
+            return out.pooler_output
+        if self.pooling == "cls":
+            return tokens[:, 0]
+        if attention_mask is None:
+            return tokens.mean(dim=1)
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        return (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 def _classifier_dropout(config: PretrainedConfig) -> float:
@@ -157,14 +182,15 @@ def load_error(name: str, source: str, exc: Exception) -> ModelLoadError:
 
 
 def load_model(
-    name: str, num_labels: int, overrides: dict[str, Any] | None = None
+    name: str, num_labels: int, overrides: dict[str, Any] | None = None, pooling: str = "pooler"
 ) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
     """Build the classifier and its tokenizer from a model name.
 
     ``name`` is a hub name (e.g. ``albert-base-v2``), a local folder, the alias ``minilm-l6``, or
     ``random:<any of those>``: then only config and tokenizer come from the source and the weights
     are initialised from the current torch seed, with ``overrides`` applied to the config (tiny
-    models for tests). Raises ModelLoadError when the name cannot be loaded (e.g. offline).
+    models for tests). ``pooling`` is the sentence representation (see TextClassifier).
+    Raises ModelLoadError when the name cannot be loaded (e.g. offline).
     """
     source, random_init = parse_name(name)
     if overrides and not random_init:
@@ -186,7 +212,10 @@ def load_model(
             encoder = AutoModel.from_pretrained(resolved)
     except OSError as exc:
         raise load_error(name, resolved, exc) from exc
-    return TextClassifier(encoder, num_labels), tokenizer
+    try:
+        return TextClassifier(encoder, num_labels, pooling), tokenizer
+    except ValueError as exc:
+        raise ModelLoadError(f"model '{name}': {exc}") from None
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -198,6 +227,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
+    "POOLINGS",
     "ClassifierOutput",
     "ModelLoadError",
     "TextClassifier",

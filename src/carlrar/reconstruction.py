@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -107,7 +108,84 @@ def decode_argmax(logits: torch.Tensor, attention_mask: torch.Tensor, tokenizer:
     ]
 
 
-__all__ = ["Reconstructor", "build_reconstructor", "decode_argmax", "reconstruction_loss"]
+def head_state(reconstructor: Reconstructor) -> dict[str, torch.Tensor]:
+    """The head's own parameters and buffers, without the tied decoder weight (that is the embedding matrix)."""
+    tied = f"head.{reconstructor.decoder_path}.weight"
+    return {key: value.detach().clone() for key, value in reconstructor.state_dict().items() if key != tied}
+
+
+def load_head_state(reconstructor: Reconstructor, state: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`head_state` saved; the tied decoder weight stays the model's embedding matrix."""
+    missing, unexpected = reconstructor.load_state_dict(state, strict=False)
+    if unexpected or missing != [f"head.{reconstructor.decoder_path}.weight"]:
+        raise ValueError(f"reconstructor state does not fit this head (missing {missing}, unexpected {unexpected})")
+
+
+@torch.no_grad()
+def token_accuracy(model: TextClassifier, reconstructor: Reconstructor, batches: Iterable[Any]) -> float:
+    """Share of real tokens (specials included) whose argmax reconstruction from clean states is the input token.
+
+    Measured on clean inputs with model and head in eval mode: how well RAR's reconstructor decodes at all, before
+    any adversary. ``batches`` yields :class:`carlrar.adversary.Batch` objects already on the model's device.
+    """
+    was_training = model.training, reconstructor.training
+    model.eval(), reconstructor.eval()
+    correct = total = 0
+    for batch in batches:
+        real = batch.attention_mask.bool()
+        states = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).tokens[real]
+        correct += int((reconstructor(states).argmax(-1) == batch.input_ids[real]).sum())
+        total += int(real.sum())
+    model.train(was_training[0]), reconstructor.train(was_training[1])
+    return correct / total if total else float("nan")
+
+
+def warm_up(
+    model: TextClassifier,
+    reconstructor: Reconstructor,
+    batches: Iterable[Any],
+    learning_rate: float,
+) -> list[float]:
+    """Fit the head alone on clean inputs: encoder, word embeddings and the tied decoder weight stay frozen.
+
+    A backbone without a pretrained masked-LM head (MiniLM) would otherwise start RAR from a random head whose
+    loss, at weight 0.1, fights the classification loss for the whole run. The encoder runs in eval mode without
+    a graph, so a warm-up step costs one forward pass plus the head. Returns the loss of each step.
+    """
+    tied = reconstructor.decoder.weight
+    params = [p for p in reconstructor.parameters() if p is not tied]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    was_training, tied_requires_grad = model.training, tied.requires_grad
+    model.eval()
+    reconstructor.train()
+    tied.requires_grad_(False)  # the embedding matrix is the classifier's: no gradient, and none computed
+    losses = []
+    try:
+        for batch in batches:
+            real = batch.attention_mask.bool()
+            with torch.no_grad():
+                states = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).tokens[real]
+            loss = F.cross_entropy(reconstructor(states).float(), batch.input_ids[real])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        tied.requires_grad_(tied_requires_grad)
+        model.train(was_training)
+    return losses
+
+
+__all__ = [
+    "Reconstructor",
+    "build_reconstructor",
+    "decode_argmax",
+    "head_state",
+    "load_head_state",
+    "reconstruction_loss",
+    "token_accuracy",
+    "warm_up",
+]
 
 
 class RARObjective(nn.Module):

@@ -14,7 +14,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,15 @@ from carlrar.devices import select_device
 from carlrar.distributed import Collective, init_collective
 from carlrar.errors import CarlrarError
 from carlrar.models import TextClassifier, count_parameters, load_model
-from carlrar.reconstruction import RARObjective, build_reconstructor
-from carlrar.storage import atomic_dir, sha256_file, write_json
+from carlrar.reconstruction import (
+    RARObjective,
+    build_reconstructor,
+    head_state,
+    load_head_state,
+    token_accuracy,
+    warm_up,
+)
+from carlrar.storage import atomic_dir, atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +135,8 @@ def evaluate(
 
 # --- the method --------------------------------------------------------------------------------------------
 
+RAR_METHODS = ("rar", "carl_rar")  # the methods with RAR's reconstructor
+
 
 @dataclass
 class Method:
@@ -188,10 +197,140 @@ def build_method(
         except ValueError as exc:
             raise CarlrarError(f"CARL on {dataset}: {exc}") from None
         auxiliaries.append(CARLObjective(loss, start_step=tau, bank_start_step=bank_start))
-    if name in ("rar", "carl_rar"):
+    if name in RAR_METHODS:
         reconstructor = build_reconstructor(model, config.model["name"])
         auxiliaries.append(RARObjective(reconstructor, weight=config.training["rar"]["weight"]))
     return Method(name, freelb, auxiliaries)
+
+
+# --- RAR's reconstructor warm-up -------------------------------------------------------------------------------
+
+WARMUP_HEAD_FILE = "reconstructor.safetensors"
+WARMUP_RECORD_FILE = "warmup.json"
+
+
+def _warmup_identity(config: Config, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Everything that determines the warmed-up head: a run refuses a warm-up made from anything else."""
+    rar = config.training["rar"]
+    return {
+        "model": config.model["name"],
+        "overrides": config.model.get("overrides") or {},
+        "max_length": config.data.max_length,
+        "warmup": {
+            key: rar[key] for key in ("warmup_steps", "warmup_learning_rate", "warmup_batch_size", "warmup_seed")
+        },
+        "data": {split: manifest["splits"][split]["sha256"] for split in ("train", "dev")},
+    }
+
+
+def _warmup_batches(split: EncodedSplit, steps: int, batch_size: int, seed: int, pad_id: int) -> Iterator[Batch]:
+    """``steps`` batches of shuffled training sentences, reshuffled (seeded) at each pass over the split."""
+    produced, epoch = 0, 0
+    while produced < steps:
+        for batch in batches(split, epoch_order(len(split), seed, epoch), batch_size, pad_id):
+            if produced == steps:
+                return
+            produced += 1
+            yield batch
+        epoch += 1
+
+
+def warm_up_reconstructor(
+    config: Config, dataset: str, data_dir: str | Path, out_dir: str | Path, device_request: str = "auto"
+) -> dict[str, Any]:
+    """Fit RAR's head on clean training inputs with the pretrained encoder frozen; write it to ``out_dir``.
+
+    Run once per (dataset, model): every rar / carl_rar seed starts from this head (``train(rar_warmup=...)``).
+    Writes ``reconstructor.safetensors`` and ``warmup.json`` (clean-dev token reconstruction accuracy before
+    and after, the loss curve, and the identity a run checks before using it), atomically.
+    """
+    from transformers import set_seed
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    manifest, rar = read_manifest(data_dir), config.training["rar"]
+    device, lease = select_device(device_request)
+    try:
+        set_seed(rar["warmup_seed"], deterministic=device.type == "cpu")
+        model, tokenizer = load_model(
+            config.model["name"], manifest["num_labels"], config.model.get("overrides") or None, "cls"
+        )
+        reconstructor = build_reconstructor(model, config.model["name"])
+        model.to(device), reconstructor.to(device)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        train_split = encode_split(data_dir / "train.parquet", tokenizer, config.data.max_length)
+        dev_split = encode_split(data_dir / "dev.parquet", tokenizer, config.data.max_length)
+
+        def dev_accuracy() -> float:
+            dev = batches(dev_split, torch.arange(len(dev_split)), config.training["eval_batch_size"], pad_id)
+            return token_accuracy(model, reconstructor, (b.to(device) for b in dev))
+
+        started, before = time.perf_counter(), dev_accuracy()
+        steps = _warmup_batches(train_split, rar["warmup_steps"], rar["warmup_batch_size"], rar["warmup_seed"], pad_id)
+        bar = tqdm(steps, total=rar["warmup_steps"], desc=f"{dataset}/rar-warmup", unit="step", dynamic_ncols=True)
+        losses = warm_up(model, reconstructor, (b.to(device) for b in bar), rar["warmup_learning_rate"])
+        after = dev_accuracy()
+    finally:
+        if lease is not None:
+            lease.release()
+    record = {
+        "dataset": dataset,
+        "identity": _warmup_identity(config, manifest),
+        "dev_token_accuracy_before": before,
+        "dev_token_accuracy_after": after,
+        "losses": losses,
+        "seconds": time.perf_counter() - started,
+        "device": str(device),
+        "versions": _versions(),
+    }
+    with atomic_dir(out_dir) as tmp:
+        save_file(head_state(reconstructor), str(tmp / WARMUP_HEAD_FILE))
+        write_json(tmp / WARMUP_RECORD_FILE, record)
+    log.info("%s: reconstructor warm-up, clean dev token accuracy %.4f -> %.4f", dataset, before, after)
+    return record
+
+
+def _load_warmup(reconstructor: nn.Module, warmup_dir: Path, config: Config, manifest: dict[str, Any]) -> dict:
+    """Start RAR's head from a warm-up made for exactly this model, data and warm-up setting."""
+    record_path = warmup_dir / WARMUP_RECORD_FILE
+    if not record_path.is_file():
+        raise CarlrarError(
+            f"{warmup_dir} holds no reconstructor warm-up ({WARMUP_RECORD_FILE}); run carlrar rar-warmup"
+        )
+    record = json.loads(record_path.read_text())
+    expected = _warmup_identity(config, manifest)
+    differing = sorted(key for key in expected if record.get("identity", {}).get(key) != expected[key])
+    if differing:
+        raise CarlrarError(
+            f"the reconstructor warm-up in {warmup_dir} was made with other {', '.join(differing)} than this run; "
+            "rerun carlrar rar-warmup with this config and data"
+        )
+    load_head_state(reconstructor, load_file(str(warmup_dir / WARMUP_HEAD_FILE)))
+    return record
+
+
+def _start_reconstructor(
+    method: Method,
+    model: TextClassifier,
+    config: Config,
+    manifest: dict[str, Any],
+    rar_warmup: Path | None,
+    dev_batches: Callable[[], Iterator[Batch]],
+) -> dict[str, float]:
+    """Load the warmed-up head into a RAR method; return clean-dev token accuracy before and after the warm-up.
+
+    Without a warm-up (``warmup_steps`` 0: a pretrained MLM head) both are the head's accuracy as the run starts.
+    """
+    if "rar" not in method.modules:
+        return {}
+    objective = method.modules["rar"]
+    if config.training["rar"]["warmup_steps"]:
+        record = _load_warmup(objective.reconstructor, rar_warmup, config, manifest)
+        return {
+            "before_warmup": record["dev_token_accuracy_before"],
+            "after_warmup": record["dev_token_accuracy_after"],
+        }
+    start = token_accuracy(model, objective.reconstructor, dev_batches())
+    return {"before_warmup": start, "after_warmup": start}
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------
@@ -334,8 +473,12 @@ def train(
     data_dir: str | Path,
     run_dir: str | Path,
     device_request: str = "auto",
+    rar_warmup: str | Path | None = None,
 ) -> TrainResult:
     """Train one (dataset, method, seed) run into ``run_dir``; resume from its checkpoint if there is one.
+
+    ``rar_warmup`` is the folder of :func:`warm_up_reconstructor` for this dataset, which rar / carl_rar runs start
+    their reconstructor from when ``training.rar.warmup_steps`` > 0; without it such a run makes its own.
 
     Started by ``torchrun --nproc_per_node N``, the ranks share each batch (see carlrar.distributed); rank 0
     evaluates and writes every file.
@@ -343,10 +486,16 @@ def train(
 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     manifest = read_manifest(data_dir)
+    if method_name in RAR_METHODS and config.training["rar"]["warmup_steps"] and rar_warmup is None:
+        # No shared warm-up given (the workflow gives one per dataset): make this run's own, before the run's seed
+        # is set, so the result equals a run started from a shared warm-up.
+        rar_warmup = run_dir / "rar_warmup"
+        if not (rar_warmup / WARMUP_RECORD_FILE).is_file():
+            warm_up_reconstructor(config, dataset, data_dir, rar_warmup, device_request)
     collective, rank_device = init_collective(device_request)
     device, lease = (rank_device, None) if rank_device is not None else select_device(device_request)
     try:
-        return _train(config, dataset, method_name, seed, data_dir, run_dir, manifest, device, collective)
+        return _train(config, dataset, method_name, seed, data_dir, run_dir, manifest, device, collective, rar_warmup)
     finally:
         if lease is not None:
             lease.release()
@@ -362,6 +511,7 @@ def _train(
     manifest: dict[str, Any],
     device: torch.device,
     collective: Collective,
+    rar_warmup: Path | None,
 ) -> TrainResult:
     from transformers import set_seed
 
@@ -370,7 +520,9 @@ def _train(
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     set_seed(seed, deterministic=device.type == "cpu")  # the same initial weights on every rank
 
-    model, tokenizer = load_model(config.model["name"], manifest["num_labels"], config.model.get("overrides") or None)
+    model, tokenizer = load_model(
+        config.model["name"], manifest["num_labels"], config.model.get("overrides") or None, config.model["pooling"]
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_length = config.data.max_length
     train_split = encode_split(data_dir / "train.parquet", tokenizer, max_length)
@@ -389,6 +541,12 @@ def _train(
     model.to(device)
     for module in method.modules.values():
         module.to(device)
+
+    def dev_batches() -> Iterator[Batch]:
+        order = torch.arange(len(dev_split))
+        return (b.to(device) for b in batches(dev_split, order, tcfg["eval_batch_size"], pad_id))
+
+    reconstruction = _start_reconstructor(method, model, config, manifest, rar_warmup, dev_batches) if main else {}
     modules: dict[str, nn.Module] = {"model": model, **method.modules}
     named = {id(p): f"{mname}.{pname}" for mname, mod in modules.items() for pname, p in mod.named_parameters()}
     params = parameters_of(model, method.auxiliaries)
@@ -521,6 +679,15 @@ def _train(
         evaluate(model, test_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)[0] if len(test_split) else None
     )
     evaluated = manifest["evaluation_split"]
+    # The best weights' prediction for every example of the evaluated split: paired comparisons between methods
+    # (carlrar.reporting) need per-example outcomes, not just the accuracy.
+    if "rar" in method.modules:
+        objective = method.modules["rar"]
+        objective.load_state_dict({k.removeprefix("rar."): v for k, v in best.items() if k.startswith("rar.")})
+        reconstruction["end"] = token_accuracy(model, objective.reconstructor, dev_batches())
+    eval_split = dev_split if evaluated == "dev" else test_split
+    _, predictions = evaluate(model, eval_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)
+    write_predictions(run_dir / PREDICTIONS_FILE, eval_split.labels, predictions)
     metrics = {
         "dataset": dataset,
         "method": method_name,
@@ -538,6 +705,8 @@ def _train(
         "device": str(device),
         "world_size": collective.world_size,
         "history": progress.history,
+        "predictions": PREDICTIONS_FILE,
+        "reconstruction_dev_token_accuracy": reconstruction or None,
         "config": {
             "model": config.model,
             "data": config.raw["data"],
@@ -553,6 +722,16 @@ def _train(
     write_json(run_dir / "metrics.json", metrics)
     collective.barrier()
     return TrainResult(metrics=metrics, run_dir=run_dir)
+
+
+PREDICTIONS_FILE = "eval_predictions.parquet"
+
+
+def write_predictions(path: Path, gold: Tensor, predictions: Tensor) -> None:
+    """Per-example outcome on the evaluated split: ``row`` (position in the split), ``gold``, ``pred``."""
+    frame = pd.DataFrame({"row": range(len(gold)), "gold": gold.numpy(), "pred": predictions.numpy()})
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 @dataclass
@@ -575,7 +754,9 @@ def load_trained_run(run_dir: str | Path, device: torch.device | str = "cpu") ->
     if not (best / "weights.safetensors").is_file() or not metrics_path.is_file():
         raise CarlrarError(f"{run_dir} is not a finished training run (no best/weights.safetensors or metrics.json)")
     weights = load_file(str(best / "weights.safetensors"))
-    model, tokenizer = load_model(f"random:{best}", weights["model.classifier.weight"].shape[0])
+    metrics = json.loads(metrics_path.read_text())
+    pooling = metrics["config"]["model"].get("pooling", "pooler")
+    model, tokenizer = load_model(f"random:{best}", weights["model.classifier.weight"].shape[0], pooling=pooling)
     model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
     reconstructor = None
     rar_weights = {k.removeprefix("rar.reconstructor."): v for k, v in weights.items() if k.startswith("rar.")}
@@ -584,4 +765,4 @@ def load_trained_run(run_dir: str | Path, device: torch.device | str = "cpu") ->
         reconstructor.load_state_dict(rar_weights)
         reconstructor.to(device).eval()
     model.to(device).eval()
-    return TrainedRun(model, tokenizer, reconstructor, json.loads(metrics_path.read_text()))
+    return TrainedRun(model, tokenizer, reconstructor, metrics)

@@ -77,6 +77,7 @@ rule figures:
     input:
         metrics=metrics_files(),
         summaries=attack_summaries(),
+        paired=f"{TABLES}/table_paired.csv",  # the differences from FreeLB, bootstrapped once (rule paired_table)
         code=code_inputs(TABLE_CODE),
     output:
         [report(f"{FIGURES}/{name}.{ext}", caption="../report/figures.rst", category="Figures",
@@ -89,4 +90,4 @@ rule figures:
     localrule: True
     shell:
         "MPLBACKEND=Agg carlrar figures --metrics {input.metrics:q} --summaries {input.summaries:q}"
-        " --out-dir {params.out:q} > {log:q} 2>&1"
+        " --paired {input.paired:q} --out-dir {params.out:q} > {log:q} 2>&1"

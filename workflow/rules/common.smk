@@ -166,5 +166,6 @@ def table_files():
         [f"{TABLE2_PREFIX}.{ext}" for ext in ("md", "csv", "tex")]
         + [f"{TABLE7_PREFIX}.{ext}" for ext in ("md", "csv")]
         + [f"{TABLES}/{name}.{ext}" for name in ROBUSTNESS_TABLES for ext in ("md", "csv", "tex")]
+        + [f"{TABLES}/table_paired.{ext}" for ext in ("md", "csv", "tex")]
         + [f"{FIGURES}/{name}.{ext}" for name in FIGURE_NAMES for ext in ("pdf", "png")]
     )

@@ -36,3 +36,24 @@ rule table7:
     localrule: True
     shell:
         "carlrar table7 --metrics {input.metrics:q} --out {params.prefix:q} > {log:q} 2>&1"
+
+
+# Paired comparison on the same examples: each method minus FreeLB and minus base, clean (eval_predictions.parquet
+# beside each metrics.json) and under attack (records_eps*.parquet beside each summary.json), paired bootstrap CIs.
+rule paired_table:
+    input:
+        metrics=metrics_files(),
+        summaries=attack_summaries(),
+        code=code_inputs(TABLE_CODE),
+    output:
+        [report(f"{TABLES}/table_paired.{ext}", caption="../report/paired.rst", category="Tables",
+                labels={"table": "paired differences", "format": ext}) if ext in ("md", "csv")
+         else f"{TABLES}/table_paired.{ext}" for ext in ("md", "csv", "tex")],
+    params:
+        prefix=f"{TABLES}/table_paired",
+    log:
+        f"{LOGS}/tables/paired.log",
+    localrule: True
+    shell:
+        "carlrar paired-table --metrics {input.metrics:q} --summaries {input.summaries:q} --out {params.prefix:q}"
+        " > {log:q} 2>&1"

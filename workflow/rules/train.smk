@@ -3,10 +3,56 @@
 # many runs share the machine (`--resources gpu=N`) or request one GPU per job on SLURM.
 
 
+RAR_WARMUP = f"{RESULTS}/rar_warmup"
+
+
+def rar_warmup_input(wildcards):
+    """rar and carl_rar start from the dataset's reconstructor warm-up when training.rar.warmup_steps > 0."""
+    if wildcards.method in ("rar", "carl_rar") and config["training"]["rar"]["warmup_steps"]:
+        return {"warmup": f"{RAR_WARMUP}/{wildcards.dataset}/warmup.json"}
+    return {}
+
+
+def rar_warmup_fingerprint(wildcards):
+    rar = {k: v for k, v in config["training"]["rar"].items() if k.startswith("warmup_")}
+    return _fingerprint({"model": config["model"], "rar": rar, "data": config["data"],
+                         "eval_batch_size": config["training"]["eval_batch_size"]})
+
+
+def rar_warmup_flag(wildcards, input):
+    return f"--rar-warmup {Path(input.warmup).parent}" if "warmup" in input.keys() else ""
+
+
+# RAR's reconstructor warm-up (a backbone without a pretrained MLM head, e.g. MiniLM): once per dataset, shared
+# by the rar and carl_rar runs of every seed.
+rule rar_warmup:
+    input:
+        manifest=f"{PROCESSED}/{{dataset}}/manifest.json",
+        code=code_inputs(TRAIN_CODE + ["reconstruction.py"]),
+    output:
+        record=f"{RAR_WARMUP}/{{dataset}}/warmup.json",
+    params:
+        config=RESOLVED_CONFIG,
+        data=lambda wildcards: data_dir(wildcards.dataset),
+        out=lambda wildcards, output: str(Path(output.record).parent),
+        fingerprint=rar_warmup_fingerprint,
+    log:
+        f"{LOGS}/rar_warmup/{{dataset}}.log",
+    benchmark:
+        f"{BENCHMARKS}/rar_warmup/{{dataset}}.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+    shell:
+        "OMP_NUM_THREADS={threads} carlrar rar-warmup --config {params.config:q} --dataset {wildcards.dataset}"
+        " --data {params.data:q} --out {params.out:q} > {log:q} 2>&1"
+
+
 rule train:
     input:
         # Only the manifest, not the parquet files: it is small, so Snakemake compares its checksum, and it holds
         # the splits' content hashes. A re-prepare that yields identical splits therefore reruns no training.
+        unpack(rar_warmup_input),
         manifest=f"{PROCESSED}/{{dataset}}/manifest.json",
         code=train_code,
     output:
@@ -16,6 +62,7 @@ rule train:
         data=lambda wildcards: data_dir(wildcards.dataset),
         out=lambda wildcards: run_dir(wildcards.dataset, wildcards.method, wildcards.seed),
         fingerprint=train_fingerprint,
+        rar_warmup=rar_warmup_flag,
     log:
         f"{LOGS}/train/{{dataset}}/{{method}}/seed{{seed}}.log",
     benchmark:
@@ -26,4 +73,4 @@ rule train:
     shell:
         "OMP_NUM_THREADS={threads} carlrar train --config {params.config:q} --dataset {wildcards.dataset}"
         " --method {wildcards.method} --seed {wildcards.seed} --data {params.data:q} --out {params.out:q}"
-        " > {log:q} 2>&1"
+        " {params.rar_warmup} > {log:q} 2>&1"
