@@ -35,8 +35,10 @@ DROPOUT = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, **DROPOUT}
 TINY_ALBERT = {**TINY_BERT, "embedding_size": 16}  # FreeLB perturbs the 16-dim lookup, before the 16->32 projection
 TOL = {"rtol": 1e-5, "atol": 1e-6}
-# L_D's logits are x1.x2 / 0.07 and its exp: summation-order rounding grows to ~2e-5 relative there
-CARL_TOL = {"rtol": 1e-4, "atol": 1e-5}
+# L_D's logits are x1.x2 / 0.07 and its exp: summation-order rounding grows to ~2e-5 relative there, and on some
+# CPUs' kernels to 2.6e-4 on a single element near zero (measured: 1 of 16,384, |diff| 1.7e-5); a real error in
+# the composition moves whole tensors by orders of magnitude more.
+CARL_TOL = {"rtol": 1e-3, "atol": 5e-5}
 
 # (init_mag, adv_lr, adv_max_norm, K, norm_type)
 SST2 = (0.6, 0.1, 0.0, 2, "l2")  # Table 1

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tiny import TINY_BERT, tiny_config
 
 from carlrar import attacks
-from carlrar.adversary import Batch
+from carlrar.adversary import Batch, amp_dtype_for, autocast_context
 from carlrar.attacks import attack_split, pgd_attack, random_start, text_samples
 from carlrar.cli import main
 from carlrar.config import from_mapping
@@ -336,3 +336,24 @@ def test_text_samples_and_cli(runs, tmp_path: Path) -> None:
 def test_default_settings_follow_the_spec() -> None:
     assert attacks.DEFAULT_EPSILONS == (0.02, 0.075, 0.1)
     assert attacks.DEFAULT_STEPS == 10 and attacks.DEFAULT_STEP_SIZE_RATIO == 0.25
+
+
+def test_a_bf16_run_is_trained_and_attacked_in_bf16_on_the_cpu(runs, tmp_path: Path) -> None:
+    """training.precision=bf16 autocasts on a CPU too; the attack uses the precision the run was trained in."""
+    data, _, _ = runs
+    config = from_mapping(tiny_config(precision="bf16", epochs=2))
+    metrics = train(config, "sst2", "freelb", 1, data, tmp_path / "bf16", "cpu").metrics
+    assert metrics["config"]["training"]["precision"] == "bf16"
+    summary = attack_split(tmp_path / "bf16", data, tmp_path / "out", [0.0, 0.5], steps=2, batch_size=8, device="cpu")
+    assert summary["attack"]["autocast"] == "bfloat16"
+    assert summary["epsilons"]["0"]["clean_accuracy"] == pytest.approx(metrics["dev_accuracy"])
+
+
+def test_precision_setting_maps_to_autocast() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype_for("auto", cpu) is None and amp_dtype_for("auto", cuda) is torch.bfloat16
+    assert amp_dtype_for("bf16", cpu) is torch.bfloat16 and amp_dtype_for("fp32", cuda) is None
+    with pytest.raises(ValueError, match="not one of auto, bf16, fp32"):
+        amp_dtype_for("fp16", cpu)
+    with autocast_context(cpu, torch.bfloat16):
+        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16

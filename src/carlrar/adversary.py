@@ -135,9 +135,18 @@ class _RngSnapshot:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
+def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``training.precision`` on ``device``: auto = bf16 on CUDA only, bf16 = everywhere."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision {precision!r} is not one of auto, bf16, fp32")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when asked; a no-op elsewhere."""
-    if dtype is None or device.type != "cuda":
+    """Autocast to ``dtype`` on ``device`` (see :func:`amp_dtype_for`); a no-op for None."""
+    if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 

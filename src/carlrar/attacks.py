@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from carlrar.adversary import Batch, autocast_context
+from carlrar.adversary import Batch, amp_dtype_for, autocast_context
 from carlrar.data import read_manifest
 from carlrar.devices import select_device
 from carlrar.errors import CarlrarError
@@ -120,7 +120,7 @@ def pgd_attack(
         generator: for the random start (a CPU generator seeded 0 when None). Reuse one across batches, or
             re-seed it, to make a comparison between settings fair.
         return_tokens: also return the attacked token states (for RAR's reconstructor).
-        amp_dtype: autocast dtype for the forward passes (bf16 on CUDA); ignored on the CPU.
+        amp_dtype: autocast dtype for the forward passes (the run's precision, see amp_dtype_for); None: fp32.
     """
     if epsilon < 0 or steps < 0:
         raise ValueError(f"epsilon and steps must be >= 0 (got {epsilon}, {steps})")
@@ -173,6 +173,11 @@ def pgd_attack(
 
 
 # --- whole splits -------------------------------------------------------------------------------------------
+
+
+def run_amp_dtype(metrics: dict[str, Any], device: torch.device) -> torch.dtype | None:
+    """Attack a run in the precision it was trained in (its ``training.precision``; runs before it: auto)."""
+    return amp_dtype_for(metrics.get("config", {}).get("training", {}).get("precision", "auto"), device)
 
 
 def _eps_name(epsilon: float) -> str:
@@ -266,7 +271,7 @@ def attack_split(
     try:
         run = load_trained_run(run_dir, dev)
         _check_data(run.metrics, manifest, data_dir, split)
-        amp_dtype = torch.bfloat16 if dev.type == "cuda" else None
+        amp_dtype = run_amp_dtype(run.metrics, dev)
         tokenizer = run.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         encoded = encode_split(data_dir / f"{split}.parquet", tokenizer, _max_length(run.metrics, manifest))
@@ -405,7 +410,7 @@ def text_samples(
             log.warning(
                 "the RAR run has seed %s but the base run seed %s", rar.metrics.get("seed"), base.metrics.get("seed")
             )
-        amp_dtype = torch.bfloat16 if dev.type == "cuda" else None
+        amp_dtype = run_amp_dtype(rar.metrics, dev)
         tokenizer = rar.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         frame = pd.read_parquet(data_dir / f"{split}.parquet")

@@ -27,7 +27,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from carlrar import __version__
-from carlrar.adversary import AuxiliaryLoss, Batch, FreeLB, adversarial_backward, autocast_context, parameters_of
+from carlrar.adversary import (
+    AuxiliaryLoss,
+    Batch,
+    FreeLB,
+    adversarial_backward,
+    amp_dtype_for,
+    autocast_context,
+    parameters_of,
+)
 from carlrar.config import METHODS, Config
 from carlrar.contrastive import CARLLoss, CARLObjective
 from carlrar.data import read_manifest
@@ -260,14 +268,18 @@ def warm_up_reconstructor(
         train_split = encode_split(data_dir / "train.parquet", tokenizer, config.data.max_length)
         dev_split = encode_split(data_dir / "dev.parquet", tokenizer, config.data.max_length)
 
+        amp = autocast_context(device, amp_dtype_for(config.training["precision"], device))
+
         def dev_accuracy() -> float:
             dev = batches(dev_split, torch.arange(len(dev_split)), config.training["eval_batch_size"], pad_id)
-            return token_accuracy(model, reconstructor, (b.to(device) for b in dev))
+            with amp:
+                return token_accuracy(model, reconstructor, (b.to(device) for b in dev))
 
         started, before = time.perf_counter(), dev_accuracy()
         steps = _warmup_batches(train_split, rar["warmup_steps"], rar["warmup_batch_size"], rar["warmup_seed"], pad_id)
         bar = tqdm(steps, total=rar["warmup_steps"], desc=f"{dataset}/rar-warmup", unit="step", dynamic_ncols=True)
-        losses = warm_up(model, reconstructor, (b.to(device) for b in bar), rar["warmup_learning_rate"])
+        with amp:
+            losses = warm_up(model, reconstructor, (b.to(device) for b in bar), rar["warmup_learning_rate"])
         after = dev_accuracy()
     finally:
         if lease is not None:
@@ -521,7 +533,7 @@ def _train(
 
     tcfg, ds = config.training, config.dataset(dataset)
     main = collective.is_main
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    amp_dtype = amp_dtype_for(tcfg["precision"], device)
     set_seed(seed, deterministic=device.type == "cpu")  # the same initial weights on every rank
 
     model, tokenizer = load_model(
