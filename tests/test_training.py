@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -255,3 +256,93 @@ def test_visible_devices_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     assert visible_gpu_ids(2) == ["2", "5"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert visible_gpu_ids(3) == ["0", "1", "2"]
+
+
+# --- run identity: a checkpoint is resumed only by the run that wrote it ------------------------------------------
+
+
+def folder_snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes, hidden ones included: a refusal must change none of them."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def killed_at_step(monkeypatch: pytest.MonkeyPatch, step: int, *args) -> None:
+    """Run train(*args) and stand for a kill at the given optimizer step (after the checkpoints before it)."""
+    real_step = training.adversarial_backward
+    calls = {"n": 0}
+
+    def dies(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise _Killed
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(training, "adversarial_backward", dies)
+    with pytest.raises(_Killed):
+        train(*args)
+    monkeypatch.setattr(training, "adversarial_backward", real_step)
+
+
+def test_checkpoint_of_another_configuration_is_refused_then_replaced(
+    tmp_path: Path, learnable_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed with one learning rate, rerun with another: refused untouched; --restart-if-changed starts over."""
+    slow, fast = (from_mapping(tiny_config(checkpoint_every=3, learning_rate=lr)) for lr in (1e-3, 3e-3))
+    run = tmp_path / "run"
+    killed_at_step(monkeypatch, 8, slow, "sst2", "base", 7, learnable_data, run, "cpu")
+    before = folder_snapshot(tmp_path)
+    for config, method in ((fast, "base"), (slow, "freelb")):
+        with pytest.raises(CarlrarError) as refused:
+            train(config, "sst2", method, 7, learnable_data, run, "cpu")
+        message = str(refused.value)
+        assert "--restart" in message and "\n" not in message
+        assert ("training.learning_rate 0.001 -> 0.003" if method == "base" else "method base -> freelb") in message
+        assert folder_snapshot(tmp_path) == before
+
+    replaced = train(fast, "sst2", "base", 7, learnable_data, run, "cpu", restart="if-changed").metrics
+    fresh = train(fast, "sst2", "base", 7, learnable_data, tmp_path / "fresh", "cpu").metrics
+    assert replaced["history"] == fresh["history"] and replaced["config"]["training"]["learning_rate"] == 3e-3
+    assert replaced["run_fingerprint"] == fresh["run_fingerprint"]
+    assert_same_weights(tmp_path / "fresh", run)
+
+
+def test_restart_if_changed_still_resumes_its_own_checkpoint(
+    tmp_path: Path, learnable_data: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = from_mapping(tiny_config(checkpoint_every=3))
+    killed_at_step(monkeypatch, 8, config, "sst2", "carl", 7, learnable_data, tmp_path / "run", "cpu")
+    with caplog.at_level("INFO", logger="carlrar.training"):
+        resumed = train(config, "sst2", "carl", 7, learnable_data, tmp_path / "run", "cpu", restart="if-changed")
+    assert "resumed" in caplog.text and "at step 6" in caplog.text
+    assert resumed.metrics["steps"] == 15
+
+
+def test_data_of_another_sample_or_an_old_checkpoint_is_refused(
+    tmp_path: Path, learnable_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = from_mapping(tiny_config(checkpoint_every=3))
+    killed_at_step(monkeypatch, 5, config, "sst2", "base", 1, learnable_data, tmp_path / "run", "cpu")
+    other_data = tmp_path / "other"
+    shutil.copytree(learnable_data, other_data)
+    manifest = json.loads((other_data / "manifest.json").read_text())
+    manifest["splits"]["train"]["sha256"] = "0" * 64  # stands for another sample of the same size
+    (other_data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CarlrarError, match=r"another run \(data_sha256.train "):
+        train(config, "sst2", "base", 1, other_data, tmp_path / "run", "cpu")
+
+    state_path = tmp_path / "run/checkpoint/state.json"
+    state = json.loads(state_path.read_text())
+    del state["run_identity"]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CarlrarError, match="earlier carlrar that recorded no run identity; rerun with --restart"):
+        train(config, "sst2", "base", 1, learnable_data, tmp_path / "run", "cpu")
+    again = train(config, "sst2", "base", 1, learnable_data, tmp_path / "run", "cpu", restart="always").metrics
+    assert again["steps"] == 15 and again["history"][0]["step"] == 5
+
+
+def assert_same_weights(reference: Path, other: Path) -> None:
+    ref_weights = load_file(str(reference / "best/weights.safetensors"))
+    new_weights = load_file(str(other / "best/weights.safetensors"))
+    assert ref_weights.keys() == new_weights.keys()
+    for name in ref_weights:
+        assert torch.equal(ref_weights[name], new_weights[name]), name

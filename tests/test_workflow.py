@@ -6,6 +6,7 @@ in a subprocess, with the virtual environment's ``bin`` first on PATH so that ru
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -235,3 +236,55 @@ def test_quick_config_plans_every_table_and_figure(raw_dir: Path) -> None:
         dataset, method = re.search(r"--dataset (\w+) --method (\w+)", command).groups()
         uses_warmup = f"--rar-warmup results/quick/rar_warmup/{dataset}" in command
         assert uses_warmup == (method in ("rar", "carl_rar")), command
+
+
+def test_train_job_resumes_its_own_checkpoint_and_restarts_on_changed_params(tmp_path: Path, raw_dir: Path) -> None:
+    """A preempted job (same params) resumes its checkpoint; after a config edit the rerun starts from step 0."""
+    from carlrar.training import train
+
+    for name in ("Snakefile", "workflow", "config"):
+        source = ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp_path / name)
+    run = tmp_path / "results/smoke/runs/sst2/base/seed1"
+    target = "results/smoke/runs/sst2/base/seed1/metrics.json"
+    args = ("--cores", "1", target, "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
+    log = tmp_path / "results/smoke/logs/train/sst2/base/seed1.log"
+    first = snakemake(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    finished = json.loads((run / "metrics.json").read_text())
+
+    # Preempted at step 8 of 12: the checkpoint of the epoch end (step 6) is on disk, metrics.json is not.
+    resolved = load_config(tmp_path / "results/smoke/config.yaml")
+
+    def preempted(*a, **kw):
+        if preempted.calls == 8:
+            raise KeyboardInterrupt
+        preempted.calls += 1
+        return real(*a, **kw)
+
+    from carlrar import training
+
+    real, preempted.calls = training.adversarial_backward, 0
+    training.adversarial_backward = preempted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(resolved, "sst2", "base", 1, tmp_path / "data/processed/smoke/sst2", run, "cpu", restart="always")
+    finally:
+        training.adversarial_backward = real
+    assert not (run / "metrics.json").exists()
+    resumed = snakemake(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 6" in log.read_text() and "discarded" not in log.read_text(), log.read_text()[-2000:]
+    again = json.loads((run / "metrics.json").read_text())
+    for key in ("history", "dev_accuracy", "best_step", "steps", "run_fingerprint"):
+        assert again[key] == finished[key], key
+
+    smoke = yaml.safe_load((tmp_path / "config/smoke.yaml").read_text())
+    smoke["training"]["learning_rate"] = 3.0e-4
+    (tmp_path / "config/smoke.yaml").write_text(yaml.safe_dump(smoke))
+    edited = snakemake(*args, cwd=tmp_path)
+    assert edited.returncode == 0, edited.stderr[-3000:]
+    text = log.read_text()
+    assert "resumed" not in text and "training.learning_rate 0.0001 -> 0.0003" in text, text[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["config"]["training"]["learning_rate"] == 3.0e-4 and metrics["history"][0]["step"] == 6

@@ -28,7 +28,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from carlrar.training import train
 
     config = load_config(args.config, args.set)
-    result = train(config, args.dataset, args.method, args.seed, args.data, args.out, args.device, args.rar_warmup)
+    result = train(
+        config, args.dataset, args.method, args.seed, args.data, args.out, args.device, args.rar_warmup, args.restart
+    )
     m = result.metrics
     if not m:  # a non-zero rank of a torchrun job: rank 0 reports
         return
@@ -312,6 +314,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="a 'carlrar rar-warmup' folder for this dataset: rar/carl_rar start their reconstructor from it "
         "(when training.rar.warmup_steps > 0; without it such a run makes its own warm-up in OUT/rar_warmup)",
+    )
+    restart = train.add_mutually_exclusive_group()
+    restart.add_argument(
+        "--restart",
+        dest="restart",
+        action="store_const",
+        const="always",
+        default="never",
+        help="discard OUT's checkpoint and results and train from step 0 (without it, a checkpoint of this exact "
+        "configuration is resumed and one of another configuration is refused)",
+    )
+    restart.add_argument(
+        "--restart-if-changed",
+        dest="restart",
+        action="store_const",
+        const="if-changed",
+        help="discard OUT's checkpoint and results only when another configuration wrote them; resume a checkpoint "
+        "of this configuration (what the workflow uses, so an interrupted job resumes and an edited one restarts)",
     )
     train.set_defaults(run=_cmd_train)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +42,15 @@ from carlrar.contrastive import CARLLoss, CARLObjective
 from carlrar.data import read_manifest
 from carlrar.devices import select_device
 from carlrar.distributed import Collective, init_collective
-from carlrar.errors import CarlrarError
+from carlrar.errors import CarlrarError, first_line
+from carlrar.identity import (
+    PREDICTIONS_FILE,
+    RESTART_ADVICE,
+    Restart,
+    fingerprint,
+    prepare_run_folder,
+    run_identity,
+)
 from carlrar.models import TextClassifier, count_parameters, load_model
 from carlrar.reconstruction import (
     RARObjective,
@@ -301,22 +310,60 @@ def warm_up_reconstructor(
     return record
 
 
-def _load_warmup(reconstructor: nn.Module, warmup_dir: Path, config: Config, manifest: dict[str, Any]) -> dict:
-    """Start RAR's head from a warm-up made for exactly this model, data and warm-up setting."""
-    record_path = warmup_dir / WARMUP_RECORD_FILE
-    if not record_path.is_file():
+def _read_warmup(warmup_dir: Path, config: Config, manifest: dict[str, Any]) -> dict:
+    """The record of a warm-up made for exactly this model, data and warm-up setting; else one clear error."""
+    record_path, head_path = warmup_dir / WARMUP_RECORD_FILE, warmup_dir / WARMUP_HEAD_FILE
+    if not record_path.is_file() or not head_path.is_file():
         raise CarlrarError(
-            f"{warmup_dir} holds no reconstructor warm-up ({WARMUP_RECORD_FILE}); run carlrar rar-warmup"
+            f"{warmup_dir} holds no reconstructor warm-up ({WARMUP_RECORD_FILE} and {WARMUP_HEAD_FILE}); "
+            "run carlrar rar-warmup"
         )
-    record = json.loads(record_path.read_text())
+    try:
+        record = json.loads(record_path.read_text())
+        recorded = record.get("identity", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise CarlrarError(f"{record_path} is unreadable ({first_line(exc)}); rerun carlrar rar-warmup") from None
     expected = _warmup_identity(config, manifest)
-    differing = sorted(key for key in expected if record.get("identity", {}).get(key) != expected[key])
+    differing = sorted(key for key in expected if recorded.get(key) != expected[key])
     if differing:
         raise CarlrarError(
             f"the reconstructor warm-up in {warmup_dir} was made with other {', '.join(differing)} than this run; "
             "rerun carlrar rar-warmup with this config and data"
         )
-    load_head_state(reconstructor, load_file(str(warmup_dir / WARMUP_HEAD_FILE)))
+    return record
+
+
+def _warmup_fits(warmup_dir: Path, config: Config, manifest: dict[str, Any]) -> bool:
+    """Whether a run's own warm-up folder holds a warm-up of this config and data (else it is made again)."""
+    try:
+        _read_warmup(warmup_dir, config, manifest)
+    except CarlrarError:
+        return False
+    return True
+
+
+def _warmup_source(method: str, config: Config, manifest: dict[str, Any], rar_warmup: str | Path | None) -> str | None:
+    """What a run's reconstructor starts from, for its identity: a shared warm-up's head hash, "own" or None.
+
+    A shared warm-up is checked here, before the run folder is touched, so a wrong one is refused up front.
+    """
+    if method not in RAR_METHODS or not config.training["rar"]["warmup_steps"]:
+        return None
+    if rar_warmup is None:
+        return "own"
+    _read_warmup(Path(rar_warmup), config, manifest)
+    return sha256_file(Path(rar_warmup) / WARMUP_HEAD_FILE)
+
+
+def _load_warmup(reconstructor: nn.Module, warmup_dir: Path, config: Config, manifest: dict[str, Any]) -> dict:
+    """Start RAR's head from a warm-up made for exactly this model, data and warm-up setting."""
+    record = _read_warmup(warmup_dir, config, manifest)
+    try:
+        load_head_state(reconstructor, load_file(str(warmup_dir / WARMUP_HEAD_FILE)))
+    except Exception as exc:  # a damaged or foreign head: safetensors and load_state_dict fail alike
+        raise CarlrarError(
+            f"{warmup_dir / WARMUP_HEAD_FILE} is unreadable ({first_line(exc)}); rerun carlrar rar-warmup"
+        ) from None
     return record
 
 
@@ -406,28 +453,40 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-CHECKPOINT_FORMAT = 2  # bump when the layout of state.json / state.safetensors changes
+CHECKPOINT_FORMAT = 3  # bump when the layout of state.json / state.safetensors changes (3: the run identity)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any], progress: Progress) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any], progress: Progress, identity: dict[str, Any]) -> None:
+    """Write the resumable state with the identity of the run it belongs to (see carlrar.identity)."""
     tensors: dict[str, Tensor] = {}
     meta: dict[str, Any] = {}
     _flatten("", state, tensors, meta)
+    record = {
+        "format": CHECKPOINT_FORMAT,
+        "run_fingerprint": fingerprint(identity),
+        "run_identity": identity,
+        "meta": meta,
+        "progress": progress.__dict__,
+    }
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(
-            json.dumps({"format": CHECKPOINT_FORMAT, "meta": meta, "progress": progress.__dict__}, indent=1)
-        )
+        (tmp / "state.json").write_text(json.dumps(record, indent=1))
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], Progress]:
-    info = json.loads((path / "state.json").read_text())
-    if info.get("format") != CHECKPOINT_FORMAT:
-        raise CarlrarError(
-            f"{path} was written by an incompatible version of carlrar (format {info.get('format')}, this version "
-            f"reads {CHECKPOINT_FORMAT}); delete that folder to train the run from the start"
-        )
-    return _unflatten(load_file(str(path / "state.safetensors")), info["meta"]), Progress(**info["progress"])
+    """Read a checkpoint; an unreadable or foreign one is one CarlrarError that says how to start over."""
+    try:
+        info = json.loads((path / "state.json").read_text())
+        if info.get("format") != CHECKPOINT_FORMAT:
+            raise CarlrarError(
+                f"{path} was written by an incompatible version of carlrar (format {info.get('format')}, this "
+                f"version reads {CHECKPOINT_FORMAT}); {RESTART_ADVICE}"
+            )
+        return _unflatten(load_file(str(path / "state.safetensors")), info["meta"]), Progress(**info["progress"])
+    except CarlrarError:
+        raise
+    except Exception as exc:  # a damaged file fails in json, safetensors or Progress alike: one remedy for all
+        raise CarlrarError(f"the checkpoint {path} is unreadable ({first_line(exc)}); {RESTART_ADVICE}") from None
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -490,11 +549,16 @@ def train(
     run_dir: str | Path,
     device_request: str = "auto",
     rar_warmup: str | Path | None = None,
+    restart: Restart = "never",
 ) -> TrainResult:
-    """Train one (dataset, method, seed) run into ``run_dir``; resume from its checkpoint if there is one.
+    """Train one (dataset, method, seed) run into ``run_dir``; resume from its checkpoint if it is this run's.
 
     ``rar_warmup`` is the folder of :func:`warm_up_reconstructor` for this dataset, which rar / carl_rar runs start
     their reconstructor from when ``training.rar.warmup_steps`` > 0; without it such a run makes its own.
+
+    A checkpoint or metrics.json of another configuration in ``run_dir`` is refused (see carlrar.identity) unless
+    ``restart`` is "always" (discard whatever the folder holds) or "if-changed" (discard only another run's files,
+    resume this run's checkpoint: what the workflow passes).
 
     Started by ``torchrun --nproc_per_node N``, the ranks share each batch (see carlrar.distributed); rank 0
     evaluates and writes every file.
@@ -502,19 +566,44 @@ def train(
 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     manifest = read_manifest(data_dir)
-    if method_name in RAR_METHODS and config.training["rar"]["warmup_steps"] and rar_warmup is None:
+    warmup_source = _warmup_source(method_name, config, manifest, rar_warmup)
+    data_sha256 = {split: info["sha256"] for split, info in manifest["splits"].items()}
+    identity = run_identity(config, dataset, method_name, seed, data_sha256, warmup_source)
+    # Rank 0 settles the folder before the process group forms; the other ranks wait for it in init_collective.
+    resume = prepare_run_folder(run_dir, identity, restart) if _is_rank_zero() else None
+    if warmup_source == "own":
         # No shared warm-up given (the workflow gives one per dataset): make this run's own, before the run's seed
         # is set, so the result equals a run started from a shared warm-up.
         rar_warmup = run_dir / "rar_warmup"
-        if not (rar_warmup / WARMUP_RECORD_FILE).is_file():
+        if not _warmup_fits(rar_warmup, config, manifest):
             warm_up_reconstructor(config, dataset, data_dir, rar_warmup, device_request)
     collective, rank_device = init_collective(device_request)
+    if resume is None:
+        resume = (run_dir / "checkpoint" / "state.json").is_file()
     device, lease = (rank_device, None) if rank_device is not None else select_device(device_request)
     try:
-        return _train(config, dataset, method_name, seed, data_dir, run_dir, manifest, device, collective, rar_warmup)
+        return _train(
+            config,
+            dataset,
+            method_name,
+            seed,
+            data_dir,
+            run_dir,
+            manifest,
+            device,
+            collective,
+            rar_warmup,
+            identity,
+            resume,
+        )
     finally:
         if lease is not None:
             lease.release()
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 of a torchrun job, or a single process; known before the process group exists."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _train(
@@ -528,6 +617,8 @@ def _train(
     device: torch.device,
     collective: Collective,
     rar_warmup: Path | None,
+    identity: dict[str, Any],
+    resume: bool,
 ) -> TrainResult:
     from transformers import set_seed
 
@@ -571,13 +662,18 @@ def _train(
 
     checkpoint_dir, best_dir = run_dir / "checkpoint", run_dir / "best"
     progress = Progress()
-    if (checkpoint_dir / "state.json").is_file():
+    if resume:
         state, progress = load_checkpoint(checkpoint_dir)
-        for mname, module in modules.items():
-            module.load_state_dict(state["modules"][mname])
-        _restore_optimizer(optimizer, state["optimizer"])
-        scheduler.load_state_dict(json.loads(state["scheduler"]))
-        _restore_rng(state["rng"][str(collective.rank)], device)
+        try:
+            for mname, module in modules.items():
+                module.load_state_dict(state["modules"][mname])
+            _restore_optimizer(optimizer, state["optimizer"])
+            scheduler.load_state_dict(json.loads(state["scheduler"]))
+            _restore_rng(state["rng"][str(collective.rank)], device)
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CarlrarError(
+                f"the checkpoint {checkpoint_dir} does not fit this run ({first_line(exc)}); {RESTART_ADVICE}"
+            ) from None
         log.info(
             "resumed %s at step %d (epoch %d, batch %d)",
             run_dir,
@@ -596,7 +692,7 @@ def _train(
                 "scheduler": json.dumps(scheduler.state_dict()),
                 "rng": rng,
             }
-            save_checkpoint(checkpoint_dir, state, progress)
+            save_checkpoint(checkpoint_dir, state, progress, identity)
 
     def save_best() -> None:
         with atomic_dir(best_dir) as tmp:
@@ -708,6 +804,7 @@ def _train(
         "dataset": dataset,
         "method": method_name,
         "seed": seed,
+        "run_fingerprint": fingerprint(identity),
         "evaluated_split": evaluated,
         "dev_accuracy": progress.best_dev_accuracy,
         "test_accuracy": test_accuracy,
@@ -734,13 +831,11 @@ def _train(
             "manifest_sha256": sha256_file(data_dir / "manifest.json"),
             "splits": {s: info["sha256"] for s, info in manifest["splits"].items()},
         },
+        "run_identity": identity,
     }
     write_json(run_dir / "metrics.json", metrics)
     collective.barrier()
     return TrainResult(metrics=metrics, run_dir=run_dir)
-
-
-PREDICTIONS_FILE = "eval_predictions.parquet"
 
 
 def write_predictions(path: Path, gold: Tensor, predictions: Tensor) -> None:

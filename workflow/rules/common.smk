@@ -102,7 +102,7 @@ onstart:
 # only for the methods that use it. Modules come from the installed package (editable install: src/carlrar/).
 PACKAGE_DIR = Path(carlrar.__file__).resolve().parent
 DATA_CODE = ["data.py", "config.py", "storage.py", "errors.py"]
-TRAIN_CODE = [*DATA_CODE, "models.py", "adversary.py", "training.py", "devices.py"]
+TRAIN_CODE = [*DATA_CODE, "models.py", "adversary.py", "training.py", "identity.py", "devices.py"]
 METHOD_CODE = {"carl": ["contrastive.py"], "rar": ["reconstruction.py"],
                "carl_rar": ["contrastive.py", "reconstruction.py"]}
 TABLE_CODE = ["reporting.py"]

@@ -71,7 +71,7 @@ rule hpsearch_train:
     shell:
         "OMP_NUM_THREADS={threads} carlrar train --config {params.config:q} --dataset {wildcards.dataset}"
         " --method {params.method} --seed {wildcards.seed} --data {params.data:q} --out {params.out:q}"
-        " {params.overrides} > {log:q} 2>&1"
+        " --restart-if-changed {params.overrides} > {log:q} 2>&1"
 
 
 rule hpsearch_select:

@@ -48,6 +48,9 @@ rule rar_warmup:
         " --data {params.data:q} --out {params.out:q} > {log:q} 2>&1"
 
 
+# --restart-if-changed: the job reruns when its params (the config fingerprint), code or data change; the run folder's
+# checkpoint is then discarded if another configuration wrote it, and resumed if it is this configuration's own
+# (a preempted or killed job), so a run never continues weights of other settings.
 rule train:
     input:
         # Only the manifest, not the parquet files: it is small, so Snakemake compares its checksum, and it holds
@@ -73,4 +76,4 @@ rule train:
     shell:
         "OMP_NUM_THREADS={threads} carlrar train --config {params.config:q} --dataset {wildcards.dataset}"
         " --method {wildcards.method} --seed {wildcards.seed} --data {params.data:q} --out {params.out:q}"
-        " {params.rar_warmup} > {log:q} 2>&1"
+        " --restart-if-changed {params.rar_warmup} > {log:q} 2>&1"

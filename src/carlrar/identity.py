@@ -1,0 +1,169 @@
+"""Which run a run folder belongs to, so that a checkpoint is only ever resumed by the run that wrote it.
+
+A run's identity is everything that determines its weights and its metrics: method, seed, model, the resolved
+data / training / dataset configuration, the content hashes of the prepared splits and the RAR warm-up it
+starts from. ``carlrar train`` stores the identity in every checkpoint and in metrics.json, and before it touches
+a run folder it compares: the same identity resumes, another one is refused with the differing keys named, and
+``--restart`` (or, for the workflow, ``--restart-if-changed``) discards the other run's files first. So a metrics.json
+never describes weights that another configuration produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from carlrar.config import Config
+from carlrar.errors import CarlrarError, first_line
+
+log = logging.getLogger(__name__)
+
+IDENTITY_VERSION = 1  # bump when the identity's layout changes: older checkpoints are then another run
+GRID_ONLY_TRAINING_KEYS = ("seeds", "methods")  # they pick which runs exist, not what one run does
+
+Restart = Literal["never", "if-changed", "always"]
+RESTART_ADVICE = "rerun with --restart to discard it and train from step 0, or give another --out"
+
+CHECKPOINT_DIR, BEST_DIR = "checkpoint", "best"
+METRICS_FILE, PREDICTIONS_FILE = "metrics.json", "eval_predictions.parquet"
+# Removed in this order, so that a kill part-way never leaves results without the files that vouch for them:
+# metrics.json first (the mark of a finished run), the checkpoint last (the record of whose files these are).
+RESULT_NAMES = (METRICS_FILE, PREDICTIONS_FILE, BEST_DIR, CHECKPOINT_DIR)
+
+
+def run_identity(
+    config: Config, dataset: str, method: str, seed: int, data_sha256: dict[str, str], rar_warmup: str | None
+) -> dict[str, Any]:
+    """Everything that determines a run's weights and metrics, as a JSON-able mapping.
+
+    ``data_sha256`` maps each split to its content hash (the manifest's, verified against the parquet files);
+    ``rar_warmup`` names the reconstructor head a RAR run starts from (the sha256 of a shared warm-up's head, or
+    "own" for the warm-up the run makes itself from its config), None for the other methods.
+    """
+    training = {key: value for key, value in config.training.items() if key not in GRID_ONLY_TRAINING_KEYS}
+    return {
+        "version": IDENTITY_VERSION,
+        "dataset": dataset,
+        "method": method,
+        "seed": seed,
+        "model": config.raw["model"],
+        "data": config.raw["data"],
+        "training": training,
+        "dataset_config": config.raw["datasets"][dataset],
+        "data_sha256": dict(data_sha256),
+        "rar_warmup": rar_warmup,
+    }
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    """A short stable digest of an identity, for logs and for comparing at a glance."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differing_keys(stored: Any, expected: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the leaves where two identities differ (a whole section when its shape differs)."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        found: list[str] = []
+        for key in sorted(set(stored) | set(expected), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in stored or key not in expected:
+                found.append(name)
+            else:
+                found += differing_keys(stored[key], expected[key], name)
+        return found
+    return [] if stored == expected else [prefix or "<identity>"]
+
+
+def describe_difference(stored: dict[str, Any], expected: dict[str, Any], limit: int = 4) -> str:
+    """The differing keys with old -> new values, shortened to fit one line."""
+    keys = differing_keys(stored, expected)
+    parts = []
+    for key in keys[:limit]:
+        old, new = _lookup(stored, key), _lookup(expected, key)
+        parts.append(f"{key} {_short(old)} -> {_short(new)}")
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(parts) + more
+
+
+def _lookup(identity: dict[str, Any], dotted: str) -> Any:
+    node: Any = identity
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "(none)"
+        node = node[part]
+    return node
+
+
+def _short(value: Any, width: int = 24) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _recorded_identity(path: Path, what: str) -> dict[str, Any] | None:
+    """The identity a checkpoint's state.json or a metrics.json records ({} for files from before identities)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CarlrarError(f"{what} {path} is unreadable ({first_line(exc)}); {RESTART_ADVICE}") from None
+    if not isinstance(record, dict):
+        raise CarlrarError(f"{what} {path} is not a carlrar record; {RESTART_ADVICE}")
+    identity = record.get("run_identity")
+    return identity if isinstance(identity, dict) else {}
+
+
+def prepare_run_folder(run_dir: Path, identity: dict[str, Any], restart: Restart = "never") -> bool:
+    """Decide, before any training, whether ``run_dir`` is resumed; discard or refuse another run's files.
+
+    Returns True when the folder's checkpoint belongs to this run and is resumed. A checkpoint or metrics.json
+    of another identity is refused (nothing is touched) unless ``restart`` is "always" or "if-changed"; then
+    the other run's results and checkpoint are removed. A fresh start also removes leftovers of a killed start
+    (best/ or predictions without a checkpoint), so every file in the folder comes from this run.
+    """
+    if restart not in ("never", "if-changed", "always"):
+        raise ValueError(f"restart must be never, if-changed or always, not {restart!r}")
+    checkpoint_state = run_dir / CHECKPOINT_DIR / "state.json"
+    if restart == "always":
+        _discard(run_dir, "--restart")
+        return False
+    recorded = {
+        "checkpoint": _recorded_identity(checkpoint_state, "the checkpoint"),
+        "metrics": _recorded_identity(run_dir / METRICS_FILE, "the results file"),
+    }
+    others = {where: found for where, found in recorded.items() if found is not None and found != identity}
+    if others:
+        where, found = next(iter(others.items()))
+        what = f"its {where}" if where == "checkpoint" else "its metrics.json"
+        if not found:
+            reason = f"{what} was written by an earlier carlrar that recorded no run identity"
+        else:
+            reason = f"{what} belongs to another run ({describe_difference(found, identity)})"
+        if restart == "never":
+            raise CarlrarError(f"{run_dir} holds another run: {reason}; {RESTART_ADVICE}")
+        _discard(run_dir, reason)
+        return False
+    if recorded["checkpoint"] is not None:
+        return True
+    _discard(run_dir, "no checkpoint of this run to resume")
+    return False
+
+
+def _discard(run_dir: Path, reason: str) -> None:
+    """Remove the run's results and checkpoint (metrics.json first); log what was removed and why."""
+    removed = []
+    for name in RESULT_NAMES:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log.warning("discarded %s in %s (%s); training from step 0", ", ".join(removed), run_dir, reason)
