@@ -346,3 +346,50 @@ def assert_same_weights(reference: Path, other: Path) -> None:
     assert ref_weights.keys() == new_weights.keys()
     for name in ref_weights:
         assert torch.equal(ref_weights[name], new_weights[name]), name
+
+
+# --- divergence: the first non-finite loss or gradient stops the run, nothing of it is written ---------------------
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_first_non_finite_step_stops_the_run_keeping_the_last_good_checkpoint(
+    tmp_path: Path, learnable_data: Path, monkeypatch: pytest.MonkeyPatch, poison: str
+) -> None:
+    real_step = training.adversarial_backward
+    calls = {"n": 0}
+
+    def goes_nan_at_step_eight(model, *args, **kwargs):
+        out = real_step(model, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 8:
+            if poison == "loss":
+                out.losses["ce"] = float("nan")
+            else:
+                next(model.parameters()).grad.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(training, "adversarial_backward", goes_nan_at_step_eight)
+    run = tmp_path / "run"
+    config = from_mapping(tiny_config(checkpoint_every=3, max_grad_norm=0.0 if poison == "gradient" else 1.0))
+    with pytest.raises(training.TrainingDiverged) as stopped:
+        train(config, "sst2", "freelb", 1, learnable_data, run, "cpu")
+    message = str(stopped.value)
+    assert "at step 8 (epoch 2, batch 3)" in message and "\n" not in message
+    assert ("(ce nan)" if poison == "loss" else "gradient norm inf") in message
+    assert "last good checkpoint (step 6)" in message and "--restart" in message
+    assert json.loads((run / "checkpoint/state.json").read_text())["progress"]["step"] == 6
+    best = load_file(str(run / "best/weights.safetensors"))
+    assert all(torch.isfinite(value).all() for value in best.values())
+    assert not (run / "metrics.json").exists()
+
+
+def test_a_run_with_non_finite_weights_is_refused(tmp_path: Path, learnable_data: Path) -> None:
+    from safetensors.torch import save_file
+
+    train(from_mapping(tiny_config(epochs=1)), "sst2", "base", 1, learnable_data, tmp_path / "run", "cpu")
+    path = tmp_path / "run/best/weights.safetensors"
+    weights = load_file(str(path))
+    weights["model.classifier.weight"][0, 0] = float("nan")
+    save_file(weights, str(path))
+    with pytest.raises(CarlrarError, match=r"non-finite weights \(1 tensors, e.g. model.classifier.weight\)"):
+        training.load_trained_run(tmp_path / "run")

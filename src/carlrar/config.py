@@ -7,6 +7,7 @@ library can never disagree about a key or a default.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -57,8 +58,23 @@ def _error_line(error: jsonschema.ValidationError) -> str:
     return f"config key '{where}': {error.message}"
 
 
+def _non_finite_key(node: Any, where: str = "") -> str | None:
+    """The dotted key of the first NaN or infinite number (YAML's .nan / .inf), which no bound would catch."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return where or "<top level>"
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        found = _non_finite_key(child, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 def resolve(raw: dict[str, Any]) -> dict[str, Any]:
     """Validate a config mapping and fill in the defaults (in place); raise ConfigError naming the key."""
+    bad = _non_finite_key(raw)
+    if bad:
+        raise ConfigError(f"config key '{bad}': NaN and infinity are not allowed; give a finite number")
     validator = _validator_filling_defaults(load_schema())
     errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
     if errors:

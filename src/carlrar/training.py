@@ -60,7 +60,7 @@ from carlrar.reconstruction import (
     token_accuracy,
     warm_up,
 )
-from carlrar.storage import atomic_dir, atomic_path, sha256_file, write_json
+from carlrar.storage import atomic_dir, atomic_path, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +289,12 @@ def warm_up_reconstructor(
         bar = tqdm(steps, total=rar["warmup_steps"], desc=f"{dataset}/rar-warmup", unit="step", dynamic_ncols=True)
         with amp:
             losses = warm_up(model, reconstructor, (b.to(device) for b in bar), rar["warmup_learning_rate"])
+        bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"the reconstructor warm-up diverged at step {bad + 1} (loss {losses[bad]}); nothing was written; "
+                "lower training.rar.warmup_learning_rate"
+            )
         after = dev_accuracy()
     finally:
         if lease is not None:
@@ -534,6 +540,70 @@ def _make_optimizer(
     )
 
 
+class TrainingDiverged(CarlrarError):
+    """A loss, gradient or weight became NaN or infinite: the run stops before it writes anything of it."""
+
+
+def _last_good(last_checkpoint: int | None) -> str:
+    if last_checkpoint is None:
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint (step {last_checkpoint}) and best/ are kept"
+
+
+DIVERGENCE_ADVICE = (
+    "lower training.learning_rate or the FreeLB step (datasets.<name>.freelb.adv_lr, init_mag, adv_max_norm > 0), "
+    "or keep training.max_grad_norm > 0, then rerun with --restart"
+)
+
+
+def clip_and_measure(params: list[nn.Parameter], max_grad_norm: float) -> float:
+    """Clip the gradients to ``max_grad_norm`` (0: no clipping) and return their total norm before clipping.
+
+    The norm is what tells a diverging run (NaN or infinite) from a healthy one; clipping is unchanged.
+    """
+    if max_grad_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def check_finite_step(
+    losses: dict[str, float],
+    grad_norm: float,
+    progress: Progress,
+    collective: Collective,
+    last: int | None,
+    device: torch.device,
+) -> None:
+    """Stop at the first step whose loss or gradient norm is not finite, before the optimizer applies it.
+
+    Every rank decides alike (the gradients are reduced, the losses are not), so no rank waits for another.
+    """
+    finite = all(math.isfinite(v) for v in losses.values()) and math.isfinite(grad_norm)
+    if collective.world_size > 1:
+        flag = torch.tensor([0.0 if finite else 1.0], device=device)
+        finite = float(collective.mean(flag)) == 0.0
+    if finite:
+        return
+    terms = ", ".join(f"{name} {value:.4g}" for name, value in losses.items())
+    raise TrainingDiverged(
+        f"training diverged at step {progress.step + 1} (epoch {progress.epoch + 1}, batch "
+        f"{progress.batch_in_epoch + 1}): loss {sum(losses.values()):.4g} ({terms}), gradient norm {grad_norm:.4g}; "
+        f"stopped before applying it, {_last_good(last)}; {DIVERGENCE_ADVICE}"
+    )
+
+
+def check_finite_weights(modules: dict[str, nn.Module], when: str, last: int | None) -> None:
+    """Refuse to write a checkpoint or best/ holding NaN or infinite weights."""
+    for mname, module in modules.items():
+        for pname, value in module.state_dict().items():
+            if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise TrainingDiverged(
+                    f"training diverged: {mname}.{pname} holds non-finite values at {when}; {_last_good(last)}; "
+                    f"{DIVERGENCE_ADVICE}"
+                )
+
+
 @dataclass
 class TrainResult:
     metrics: dict[str, Any]
@@ -682,10 +752,15 @@ def _train(
             progress.batch_in_epoch,
         )
 
+    last_checkpoint = progress.step if resume else None
+
     def checkpoint() -> None:
         """Called on every rank: rank 0 writes the shared state and every rank's RNG."""
+        nonlocal last_checkpoint
         rng = {str(r): state for r, state in enumerate(collective.gather_objects(_rng_state(device)))}
         if main:
+            check_finite_weights(modules, f"step {progress.step}", last_checkpoint)
+            last_checkpoint = progress.step
             state = {
                 "modules": {mname: _module_state(module) for mname, module in modules.items()},
                 "optimizer": _optimizer_state(optimizer),
@@ -695,6 +770,7 @@ def _train(
             save_checkpoint(checkpoint_dir, state, progress, identity)
 
     def save_best() -> None:
+        check_finite_weights(modules, f"step {progress.step}", last_checkpoint)
         with atomic_dir(best_dir) as tmp:
             save_file(
                 {
@@ -748,8 +824,8 @@ def _train(
             batch = batch.to(device)
             out = adversarial_backward(model, batch, method.freelb, method.auxiliaries, progress.step, amp_dtype)
             collective.reduce_gradients(params, len(batch.labels))
-            if tcfg["max_grad_norm"] > 0:
-                torch.nn.utils.clip_grad_norm_(params, tcfg["max_grad_norm"])
+            grad_norm = clip_and_measure(params, tcfg["max_grad_norm"])
+            check_finite_step(out.losses, grad_norm, progress, collective, last_checkpoint, device)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -855,6 +931,26 @@ class TrainedRun:
     metrics: dict[str, Any]
 
 
+RETRAIN_ADVICE = "train the run again (carlrar train ... --restart)"
+
+
+def _read_best_weights(path: Path) -> dict[str, Tensor]:
+    """A run's best weights, refused when the file is damaged or holds NaN / infinite values."""
+    try:
+        weights = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+        raise CarlrarError(f"{path} is unreadable ({first_line(exc)}); {RETRAIN_ADVICE}") from None
+    broken = [name for name, value in weights.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise CarlrarError(
+            f"{path} holds non-finite weights ({len(broken)} tensors, e.g. {broken[0]}): the run diverged; "
+            f"{RETRAIN_ADVICE} with a lower learning rate"
+        )
+    if "model.classifier.weight" not in weights:
+        raise CarlrarError(f"{path} holds no classifier (model.classifier.weight); {RETRAIN_ADVICE}")
+    return weights
+
+
 def load_trained_run(run_dir: str | Path, device: torch.device | str = "cpu") -> TrainedRun:
     """Rebuild the model (and RAR's reconstructor, if the run has one) from ``run_dir/best`` in eval mode.
 
@@ -864,16 +960,26 @@ def load_trained_run(run_dir: str | Path, device: torch.device | str = "cpu") ->
     best, metrics_path = run_dir / "best", run_dir / "metrics.json"
     if not (best / "weights.safetensors").is_file() or not metrics_path.is_file():
         raise CarlrarError(f"{run_dir} is not a finished training run (no best/weights.safetensors or metrics.json)")
-    weights = load_file(str(best / "weights.safetensors"))
-    metrics = json.loads(metrics_path.read_text())
-    pooling = metrics["config"]["model"].get("pooling", "pooler")
+    weights = _read_best_weights(best / "weights.safetensors")
+    metrics = read_json(metrics_path, "the run's metrics.json")
+    try:
+        pooling = metrics["config"]["model"].get("pooling", "pooler")
+    except (KeyError, TypeError, AttributeError):
+        raise CarlrarError(
+            f"{metrics_path} is not a carlrar metrics file (no config.model); {RETRAIN_ADVICE}"
+        ) from None
     model, tokenizer = load_model(f"random:{best}", weights["model.classifier.weight"].shape[0], pooling=pooling)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
     reconstructor = None
     rar_weights = {k.removeprefix("rar.reconstructor."): v for k, v in weights.items() if k.startswith("rar.")}
-    if rar_weights:
-        reconstructor = build_reconstructor(model, f"random:{best}")
-        reconstructor.load_state_dict(rar_weights)
-        reconstructor.to(device).eval()
+    try:
+        model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
+        if rar_weights:
+            reconstructor = build_reconstructor(model, f"random:{best}")
+            reconstructor.load_state_dict(rar_weights)
+            reconstructor.to(device).eval()
+    except RuntimeError as exc:  # weights of another architecture than best/config.json describes
+        raise CarlrarError(
+            f"{best}: the weights do not fit its config.json ({first_line(exc)}); {RETRAIN_ADVICE}"
+        ) from None
     model.to(device).eval()
     return TrainedRun(model, tokenizer, reconstructor, metrics)
