@@ -335,3 +335,29 @@ def test_dataset_names_agree_across_config_schema_and_loaders() -> None:
 
     assert set(DATASET_NAMES) == set(DATASETS)
     assert set(load_schema()["properties"]["datasets"]["propertyNames"]["enum"]) == set(DATASET_NAMES)
+
+
+def test_prepared_splits_are_verified_against_the_manifest(tmp_path: Path, raw: Path) -> None:
+    """Later steps read a split only if its rows hash to the manifest's sha256; a damaged manifest is refused."""
+    from carlrar.data import read_manifest, read_split
+
+    out = tmp_path / "ag"
+    prepare_dataset(load_config(config(tmp_path, {"ag_news": SMALL["ag_news"]})), "ag_news", raw, out)
+    manifest = read_manifest(out)
+    assert list(read_split(out, "train", manifest)["text"]) == list(read_split(out, "train", manifest)["text"])
+
+    frame = pd.read_parquet(out / "dev.parquet")
+    frame.loc[0, "text"] = frame.loc[0, "text"] + " changed"
+    frame.to_parquet(out / "dev.parquet")
+    with pytest.raises(DataError, match=r"dev.parquet does not match its manifest .* rerun 'carlrar prepare'"):
+        read_split(out, "dev", manifest)
+    (out / "test.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"test.parquet is damaged or not a prepared split"):
+        read_split(out, "test", manifest)
+
+    (out / "manifest.json").write_text('{"dataset": "ag_news", "num_labels": 4, "evaluation_split": "test"}')
+    with pytest.raises(DataError, match=r"manifest.json is damaged \(splits.train lacks its rows and sha256\)"):
+        read_manifest(out)
+    (out / "manifest.json").write_text('{"dataset": "ag_news", ')
+    with pytest.raises(DataError, match=r"manifest.json is damaged \(Expecting"):
+        read_manifest(out)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from carlrar.training import carl_schedule, train
 
 
 @pytest.fixture(scope="module")
-def learnable_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def learnable_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A task a tiny model must learn: the label is whether the sentence says 'good' or 'bad'."""
     root = tmp_path_factory.mktemp("raw")
     (root / "sst2").mkdir()
@@ -40,8 +39,13 @@ def learnable_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     (root / "sst2/train.tsv").write_text(rows(40))
     (root / "sst2/dev.tsv").write_text(rows(16))
+    return root
+
+
+@pytest.fixture(scope="module")
+def learnable_data(tmp_path_factory: pytest.TempPathFactory, learnable_raw: Path) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "sst2"
-    prepare_dataset(from_mapping(tiny_config(checkpoint_every=3)), "sst2", root, out)
+    prepare_dataset(from_mapping(tiny_config(checkpoint_every=3)), "sst2", learnable_raw, out)
     return out
 
 
@@ -318,17 +322,15 @@ def test_restart_if_changed_still_resumes_its_own_checkpoint(
 
 
 def test_data_of_another_sample_or_an_old_checkpoint_is_refused(
-    tmp_path: Path, learnable_data: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, learnable_data: Path, learnable_raw: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = from_mapping(tiny_config(checkpoint_every=3))
     killed_at_step(monkeypatch, 5, config, "sst2", "base", 1, learnable_data, tmp_path / "run", "cpu")
-    other_data = tmp_path / "other"
-    shutil.copytree(learnable_data, other_data)
-    manifest = json.loads((other_data / "manifest.json").read_text())
-    manifest["splits"]["train"]["sha256"] = "0" * 64  # stands for another sample of the same size
-    (other_data / "manifest.json").write_text(json.dumps(manifest))
+    smaller = tiny_config()
+    smaller["datasets"]["sst2"]["per_class"]["train"] = 18  # another sample, prepared under the same data settings
+    prepare_dataset(from_mapping(smaller), "sst2", learnable_raw, tmp_path / "other")
     with pytest.raises(CarlrarError, match=r"another run \(data_sha256.train "):
-        train(config, "sst2", "base", 1, other_data, tmp_path / "run", "cpu")
+        train(config, "sst2", "base", 1, tmp_path / "other", tmp_path / "run", "cpu")
 
     state_path = tmp_path / "run/checkpoint/state.json"
     state = json.loads(state_path.read_text())

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from carlrar.adversary import Batch, amp_dtype_for, autocast_context
-from carlrar.data import read_manifest
+from carlrar.data import read_manifest, read_split
 from carlrar.devices import select_device
 from carlrar.errors import CarlrarError
 from carlrar.models import TextClassifier
@@ -197,14 +197,20 @@ def _max_length(metrics: dict[str, Any], manifest: dict[str, Any]) -> int:
     return int(length)
 
 
-def _check_data(metrics: dict[str, Any], manifest: dict[str, Any], data_dir: Path, split: str) -> None:
-    if metrics.get("dataset") and manifest.get("dataset") and metrics["dataset"] != manifest["dataset"]:
+def _check_data(metrics: dict[str, Any], manifest: dict[str, Any], data_dir: Path, split: str, run_dir: Path) -> None:
+    """Refuse to attack a run on another dataset or another sample of its evaluated split than it was evaluated on."""
+    if metrics.get("dataset") and metrics["dataset"] != manifest["dataset"]:
         raise CarlrarError(f"the run was trained on {metrics['dataset']} but {data_dir} holds {manifest['dataset']}")
-    trained = (metrics.get("data") or {}).get("splits", {}).get(split)
-    prepared = manifest["splits"].get(split, {}).get("sha256")
-    if trained and prepared and trained != prepared:
+    trained = ((metrics.get("data") or {}).get("splits") or {}).get(split)
+    prepared = manifest["splits"][split]["sha256"]
+    if trained is None:
         log.warning(
-            "%s/%s.parquet differs from the %s split the run was evaluated on (sha256 mismatch)", data_dir, split, split
+            "%s records no data hashes: cannot check that %s is the data it was evaluated on", run_dir, data_dir
+        )
+    elif trained != prepared:
+        raise CarlrarError(
+            f"{run_dir} was evaluated on another {split} sample than {data_dir} holds (sha256 {trained[:12]} vs "
+            f"{prepared[:12]}: other data.seed, sizes or files); give the data folder the run was trained on"
         )
 
 
@@ -270,11 +276,11 @@ def attack_split(
     dev, lease = select_device(device)
     try:
         run = load_trained_run(run_dir, dev)
-        _check_data(run.metrics, manifest, data_dir, split)
+        _check_data(run.metrics, manifest, data_dir, split, run_dir)
         amp_dtype = run_amp_dtype(run.metrics, dev)
         tokenizer = run.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        encoded = encode_split(data_dir / f"{split}.parquet", tokenizer, _max_length(run.metrics, manifest))
+        encoded = encode_split(read_split(data_dir, split, manifest), tokenizer, _max_length(run.metrics, manifest))
         if len(encoded) == 0:
             raise CarlrarError(f"{data_dir}/{split}.parquet has no rows to attack")
         summary: dict[str, Any] = {
@@ -404,8 +410,8 @@ def text_samples(
         if rar.reconstructor is None:
             raise CarlrarError(f"{rar_run_dir} has no reconstructor: give a 'rar' or 'carl_rar' run")
         base = load_trained_run(base_run_dir, dev)
-        _check_data(rar.metrics, manifest, data_dir, split)
-        _check_data(base.metrics, manifest, data_dir, split)
+        _check_data(rar.metrics, manifest, data_dir, split, Path(rar_run_dir))
+        _check_data(base.metrics, manifest, data_dir, split, Path(base_run_dir))
         if rar.metrics.get("seed") != base.metrics.get("seed"):
             log.warning(
                 "the RAR run has seed %s but the base run seed %s", rar.metrics.get("seed"), base.metrics.get("seed")
@@ -413,8 +419,8 @@ def text_samples(
         amp_dtype = run_amp_dtype(rar.metrics, dev)
         tokenizer = rar.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        frame = pd.read_parquet(data_dir / f"{split}.parquet")
-        encoded = encode_split(data_dir / f"{split}.parquet", tokenizer, _max_length(rar.metrics, manifest))
+        frame = read_split(data_dir, split, manifest)
+        encoded = encode_split(frame, tokenizer, _max_length(rar.metrics, manifest))
         generator = torch.Generator().manual_seed(seed)
         originals: list[str] = []
         decoded: list[str] = []

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from carlrar import __version__
 from carlrar.config import Config, DatasetConfig, Size
-from carlrar.errors import CarlrarError
+from carlrar.errors import CarlrarError, first_line
 from carlrar.storage import atomic_dir, sha256_file, write_json
 
 SPLITS = ("train", "dev", "test")
@@ -382,8 +383,72 @@ def prepare_dataset(config: Config, name: str, raw_dir: str | Path, out_dir: str
     return manifest
 
 
+REPREPARE = "rerun 'carlrar prepare' for this dataset"
+
+
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """A prepared folder's manifest, checked for the keys every later step relies on; else one DataError."""
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise DataError(f"{path} not found: run 'carlrar prepare' for this dataset first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is damaged ({first_line(exc)}); {REPREPARE}") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path} is damaged ({problem}); {REPREPARE}")
+    return manifest
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is missing or malformed in a manifest, or None."""
+    if not isinstance(manifest, dict):
+        return "not a mapping"
+    if manifest.get("dataset") not in DATASETS:
+        return f"unknown dataset {manifest.get('dataset')!r}"
+    num_labels = manifest.get("num_labels")
+    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 2:
+        return f"num_labels {num_labels!r} is not an integer >= 2"
+    if manifest.get("evaluation_split") not in ("dev", "test"):
+        return f"evaluation_split {manifest.get('evaluation_split')!r} is not dev or test"
+    splits = manifest.get("splits")
+    for split in SPLITS:
+        info = splits.get(split) if isinstance(splits, dict) else None
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("sha256"), str)
+            or not isinstance(info.get("rows"), int)
+        ):
+            return f"splits.{split} lacks its rows and sha256"
+    return None
+
+
+def read_split(data_dir: str | Path, split: str, manifest: dict[str, Any]) -> pd.DataFrame:
+    """Read ``<split>.parquet`` and verify it against the manifest: row count, labels and content sha256.
+
+    The hash is the manifest's (over each row's label and text, as prepare computed it), recomputed from the rows
+    actually read, so metrics.json's data hashes always describe the data a run trained and was evaluated on.
+    """
+    path = Path(data_dir) / f"{split}.parquet"
+    try:
+        frame = pd.read_parquet(path, columns=["text", "label"])
+    except FileNotFoundError:
+        raise DataError(f"{path} not found; {REPREPARE}") from None
+    except Exception as exc:  # pyarrow raises its own types for a damaged or foreign file
+        raise DataError(f"{path} is damaged or not a prepared split ({first_line(exc)}); {REPREPARE}") from None
+    texts, labels = frame["text"].tolist(), frame["label"].tolist()
+    expected = manifest["splits"][split]
+    if len(labels) != expected["rows"]:
+        raise DataError(f"{path} has {len(labels)} rows but its manifest says {expected['rows']}; {REPREPARE}")
+    num_labels = manifest["num_labels"]
+    if any(not isinstance(t, str) for t in texts) or any(
+        not isinstance(y, int) or not 0 <= y < num_labels for y in labels
+    ):
+        raise DataError(f"{path} holds missing texts or labels outside 0..{num_labels - 1}; {REPREPARE}")
+    if _content_sha256(texts, labels) != expected["sha256"]:
+        raise DataError(
+            f"{path} does not match its manifest (the sha256 of its rows differs): it was changed or comes from "
+            f"another prepare; {REPREPARE}"
+        )
+    return frame

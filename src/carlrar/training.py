@@ -39,7 +39,7 @@ from carlrar.adversary import (
 )
 from carlrar.config import METHODS, Config
 from carlrar.contrastive import CARLLoss, CARLObjective
-from carlrar.data import read_manifest
+from carlrar.data import SPLITS, read_manifest, read_split
 from carlrar.devices import select_device
 from carlrar.distributed import Collective, init_collective
 from carlrar.errors import CarlrarError, first_line
@@ -79,8 +79,8 @@ class EncodedSplit:
         return len(self.ids)
 
 
-def encode_split(path: Path, tokenizer: PreTrainedTokenizerBase, max_length: int) -> EncodedSplit:
-    frame = pd.read_parquet(path)
+def encode_split(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int) -> EncodedSplit:
+    """Tokenise a split read (and verified) by carlrar.data.read_split."""
     ids = tokenizer(list(frame["text"]), truncation=True, max_length=max_length)["input_ids"] if len(frame) else []
     return EncodedSplit(ids=ids, labels=torch.tensor(frame["label"].to_numpy(), dtype=torch.long))
 
@@ -274,8 +274,8 @@ def warm_up_reconstructor(
         reconstructor = build_reconstructor(model, config.model["name"])
         model.to(device), reconstructor.to(device)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        train_split = encode_split(data_dir / "train.parquet", tokenizer, config.data.max_length)
-        dev_split = encode_split(data_dir / "dev.parquet", tokenizer, config.data.max_length)
+        train_split = encode_split(read_split(data_dir, "train", manifest), tokenizer, config.data.max_length)
+        dev_split = encode_split(read_split(data_dir, "dev", manifest), tokenizer, config.data.max_length)
 
         amp = autocast_context(device, amp_dtype_for(config.training["precision"], device))
 
@@ -636,6 +636,7 @@ def train(
 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     manifest = read_manifest(data_dir)
+    frames = {split: read_split(data_dir, split, manifest) for split in SPLITS}  # verified before anything is touched
     warmup_source = _warmup_source(method_name, config, manifest, rar_warmup)
     data_sha256 = {split: info["sha256"] for split, info in manifest["splits"].items()}
     identity = run_identity(config, dataset, method_name, seed, data_sha256, warmup_source)
@@ -665,6 +666,7 @@ def train(
             rar_warmup,
             identity,
             resume,
+            frames,
         )
     finally:
         if lease is not None:
@@ -689,6 +691,7 @@ def _train(
     rar_warmup: Path | None,
     identity: dict[str, Any],
     resume: bool,
+    frames: dict[str, pd.DataFrame],
 ) -> TrainResult:
     from transformers import set_seed
 
@@ -702,9 +705,7 @@ def _train(
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_length = config.data.max_length
-    train_split = encode_split(data_dir / "train.parquet", tokenizer, max_length)
-    dev_split = encode_split(data_dir / "dev.parquet", tokenizer, max_length)
-    test_split = encode_split(data_dir / "test.parquet", tokenizer, max_length)
+    train_split, dev_split, test_split = (encode_split(frames[s], tokenizer, max_length) for s in SPLITS)
     if len(train_split) == 0 or len(dev_split) == 0:
         raise CarlrarError(f"{data_dir}: train and dev must not be empty (rows: {len(train_split)}, {len(dev_split)})")
 
