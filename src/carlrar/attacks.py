@@ -35,7 +35,7 @@ from carlrar.devices import select_device
 from carlrar.errors import CarlrarError
 from carlrar.models import TextClassifier
 from carlrar.reconstruction import decode_argmax
-from carlrar.storage import atomic_path, write_json
+from carlrar.storage import atomic_path, check_output_dir, check_output_file, recover_swaps, write_json
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,8 @@ def attack_split(
     from carlrar.training import batches, encode_split, load_trained_run
 
     run_dir, data_dir, out_dir = Path(run_dir), Path(data_dir), Path(out_dir)
+    check_output_dir(out_dir)
+    recover_swaps(out_dir)
     manifest = read_manifest(data_dir)
     split = manifest["evaluation_split"]
     dev, lease = select_device(device)
@@ -402,6 +404,7 @@ def text_samples(
     from carlrar.training import batches, encode_split, load_trained_run
 
     data_dir = Path(data_dir)
+    check_output_file(out_path)
     manifest = read_manifest(data_dir)
     split = manifest["evaluation_split"]
     dev, lease = select_device(device)

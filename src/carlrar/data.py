@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from carlrar import __version__
 from carlrar.config import Config, DatasetConfig, Size
 from carlrar.errors import CarlrarError, first_line
-from carlrar.storage import atomic_dir, sha256_file, write_json
+from carlrar.storage import atomic_dir, check_output_dir, sha256_file, write_json
 
 SPLITS = ("train", "dev", "test")
 
@@ -330,6 +330,7 @@ def prepare_dataset(config: Config, name: str, raw_dir: str | Path, out_dir: str
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     spec, ds = DATASETS[name], config.dataset(name)
+    check_output_dir(out_dir)  # before reading anything: an --out that is a file is refused, never moved
     raw_dir = Path(raw_dir)
     train_sizes: dict[str, Size] = {"dev": ds.per_class["dev"]} if ds.dev_source == "train" else {}
     train_sizes = {**train_sizes, "train": ds.per_class["train"]}  # dev first: "all" train takes the rest

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from carlrar.config import Config
 from carlrar.errors import CarlrarError, first_line
+from carlrar.storage import recover_swaps
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def prepare_run_folder(run_dir: Path, identity: dict[str, Any], restart: Restart
     """
     if restart not in ("never", "if-changed", "always"):
         raise ValueError(f"restart must be never, if-changed or always, not {restart!r}")
+    recover_swaps(run_dir)  # a checkpoint swap a kill interrupted is finished before the checkpoint is read
     checkpoint_state = run_dir / CHECKPOINT_DIR / "state.json"
     if restart == "always":
         _discard(run_dir, "--restart")

@@ -1,11 +1,19 @@
-"""Writing outputs so that a crash never leaves a half-written file or folder behind, and hashing them."""
+"""Writing outputs so that a crash never leaves a half-written file or folder behind, and hashing them.
+
+Every output is written beside its target under a hidden temporary name (``.<name>.<random>.tmp``) and renamed
+over it when complete; a folder that already exists is first renamed to ``.<name>.<random>.old``. A process killed
+part-way leaves those hidden entries behind: :func:`recover_swaps` finishes or undoes such a swap (it runs before
+every write of the same target and when a command starts), so a kill never loses an output or leaves litter.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -13,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from carlrar.errors import CarlrarError
+
+log = logging.getLogger(__name__)
+# mkstemp / mkdtemp names: a hidden prefix ".<target>.", 8 random characters, then our suffix
+_SWAP_ENTRY = re.compile(r"^\.(?P<target>.+)\.(?P<token>[a-z0-9_]{8})\.(?P<kind>tmp|old)$")
 
 
 def _umask() -> int:
@@ -29,11 +41,80 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def recover_swaps(folder: str | Path, target: str | None = None) -> list[str]:
+    """Finish or undo the swaps a killed process left in ``folder`` (only those of ``target`` when given).
+
+    A ``.tmp`` with its ``.old`` and no target means the kill came between the two renames of a folder swap: the
+    ``.tmp`` is the complete new copy and becomes the target. A ``.tmp`` alone was still being written and is
+    removed; an ``.old`` whose target exists is removed, one without it is restored. Returns what was done (also
+    logged as warnings): recovery is never silent.
+    """
+    folder = Path(folder)
+    swaps: dict[tuple[str, str], dict[str, Path]] = {}
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        match = _SWAP_ENTRY.match(entry.name)
+        if match and (target is None or match["target"] == target):
+            swaps.setdefault((match["target"], match["token"]), {})[match["kind"]] = entry
+    actions = []
+    for (name, _), parts in sorted(swaps.items()):
+        final, tmp, old = folder / name, parts.get("tmp"), parts.get("old")
+        if tmp is not None and old is not None and not final.exists():
+            os.replace(tmp, final)
+            _remove(old)
+            actions.append(f"{final}: finished a swap a kill interrupted between its two renames (the new copy)")
+        elif old is not None and not final.exists():
+            os.replace(old, final)
+            actions.append(f"{final}: restored the previous copy a kill left as {old.name}")
+        else:
+            for leftover in (tmp, old):
+                if leftover is not None:
+                    _remove(leftover)
+                    actions.append(f"{final}: removed {leftover.name}, an unfinished write left by a kill")
+    for action in actions:
+        log.warning("%s", action)
+    return actions
+
+
+def check_output_dir(path: str | Path, option: str = "--out") -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be created there."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CarlrarError(f"{path} exists and is not a folder; give {option} a folder path (nothing was changed)")
+    _check_creatable(path, option)
+
+
+def check_output_file(path: str | Path, option: str = "--out") -> None:
+    """Refuse, before any work, an output file path that is a folder or cannot be created there."""
+    path = Path(path)
+    if path.is_dir():
+        raise CarlrarError(f"{path} is a folder; give {option} a file path (nothing was changed)")
+    _check_creatable(path, option)
+
+
+def _check_creatable(path: Path, option: str) -> None:
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CarlrarError(f"{ancestor} is a file, so {option} {path} cannot be created; give another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CarlrarError(f"cannot write in {ancestor} (permission denied), so {option} {path} cannot be created")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it."""
     path = Path(path)
+    check_output_file(path, "the output")
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_swaps(path.parent, path.name)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -68,10 +149,13 @@ def write_json(path: str | Path, obj: Any) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` as a whole.
 
-    On failure the temporary folder is removed and an existing ``path`` is left untouched.
+    On failure the temporary folder is removed and an existing ``path`` is left untouched. A ``path`` that is a
+    file is refused before anything happens (it would otherwise be moved aside as if it were an old output).
     """
     path = Path(path)
+    check_output_dir(path, "the output")
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_swaps(path.parent, path.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:

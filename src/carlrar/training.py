@@ -60,7 +60,7 @@ from carlrar.reconstruction import (
     token_accuracy,
     warm_up,
 )
-from carlrar.storage import atomic_dir, atomic_path, read_json, sha256_file, write_json
+from carlrar.storage import atomic_dir, atomic_path, check_output_dir, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,7 @@ def warm_up_reconstructor(
     from transformers import set_seed
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    check_output_dir(out_dir)
     manifest, rar = read_manifest(data_dir), config.training["rar"]
     device, lease = select_device(device_request)
     try:
@@ -635,6 +636,7 @@ def train(
     """
 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
+    check_output_dir(run_dir)
     manifest = read_manifest(data_dir)
     frames = {split: read_split(data_dir, split, manifest) for split in SPLITS}  # verified before anything is touched
     warmup_source = _warmup_source(method_name, config, manifest, rar_warmup)
@@ -646,7 +648,7 @@ def train(
         # No shared warm-up given (the workflow gives one per dataset): make this run's own, before the run's seed
         # is set, so the result equals a run started from a shared warm-up.
         rar_warmup = run_dir / "rar_warmup"
-        if not _warmup_fits(rar_warmup, config, manifest):
+        if _is_rank_zero() and not _warmup_fits(rar_warmup, config, manifest):  # other ranks wait in init_collective
             warm_up_reconstructor(config, dataset, data_dir, rar_warmup, device_request)
     collective, rank_device = init_collective(device_request)
     if resume is None:
