@@ -361,3 +361,27 @@ def test_prepared_splits_are_verified_against_the_manifest(tmp_path: Path, raw: 
     (out / "manifest.json").write_text('{"dataset": "ag_news", ')
     with pytest.raises(DataError, match=r"manifest.json is damaged \(Expecting"):
         read_manifest(out)
+
+
+def test_exponent_numbers_are_numbers_and_every_number_is_finite_and_bounded(tmp_path: Path) -> None:
+    path = config(tmp_path, {"ag_news": SMALL["ag_news"]})
+    cfg = load_config(path, ["training.learning_rate=1e-4", "analysis.epsilons=[2E-2, 0.1]", "run_name=1e5"])
+    assert cfg.training["learning_rate"] == 1e-4 and cfg.analysis["epsilons"] == [0.02, 0.1]
+    assert cfg.run_name == "1e5", "only number-typed keys are read as numbers"
+    for override, message in (
+        ("training.learning_rate=.inf", r"'training.learning_rate': NaN and infinity are not allowed"),
+        ("datasets.ag_news.freelb.adv_lr=.nan", r"'datasets.ag_news.freelb.adv_lr': NaN and infinity"),
+        ("datasets.ag_news.freelb.adv_lr=1e9", r"'datasets.ag_news.freelb.adv_lr': 1000000000.0 is greater than"),
+        ("training.seeds=[4294967296]", r"'training.seeds.0': 4294967296 is greater than the maximum"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, [override])
+
+
+def test_a_csv_cut_inside_a_quoted_field_is_refused(tmp_path: Path) -> None:
+    cut = write(tmp_path / "train.csv", '"1","title","body"\n"2","half a title')
+    with pytest.raises(DataError, match=r"train.csv:2: malformed CSV \(unexpected end of data\).*cut short"):
+        read_file(cut, DATASETS["ag_news"])
+    stray = write(tmp_path / "test.csv", 'label,text\n1,"quoted" then more\n')
+    with pytest.raises(DataError, match=r"test.csv:2: malformed CSV"):
+        read_file(stray, DATASETS["ag_news"])

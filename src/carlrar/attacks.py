@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from carlrar.adversary import Batch, amp_dtype_for, autocast_context
+from carlrar.config import bound_problem
 from carlrar.data import read_manifest, read_split
 from carlrar.devices import select_device
 from carlrar.errors import CarlrarError
@@ -214,6 +215,23 @@ def _check_data(metrics: dict[str, Any], manifest: dict[str, Any], data_dir: Pat
         )
 
 
+def _check_settings(
+    epsilons: list[tuple[str, str, float]], steps: int, step_size_ratio: float, batch_size: int, seed: int
+) -> None:
+    """The attack's settings within the bounds the config schema gives the analysis keys (as the CLI checks)."""
+    settings = [
+        *epsilons,
+        ("steps", "analysis.steps", steps),
+        ("step_size_ratio", "analysis.step_size_ratio", step_size_ratio),
+        ("batch_size", "analysis.batch_size", batch_size),
+        ("seed", "analysis.seed", seed),
+    ]
+    for name, key, value in settings:
+        problem = bound_problem(key, value)
+        if problem:
+            raise CarlrarError(f"{name} {value} {'is ' if problem.startswith('not') else ''}{problem}")
+
+
 def summarize(records: pd.DataFrame) -> dict[str, Any]:
     """Table 4/5 figures from per-example records (TextAttack's definitions for accuracy and success rate).
 
@@ -266,8 +284,7 @@ def attack_split(
     """
     if not epsilons:
         raise CarlrarError("give at least one epsilon")
-    if any(e < 0 for e in epsilons) or steps < 0 or step_size_ratio <= 0 or batch_size < 1:
-        raise CarlrarError("epsilons and steps must be >= 0, step_size_ratio > 0 and batch_size >= 1")
+    _check_settings([("epsilon", "analysis.epsilons[]", e) for e in epsilons], steps, step_size_ratio, batch_size, seed)
     from carlrar.training import batches, encode_split, load_trained_run
 
     run_dir, data_dir, out_dir = Path(run_dir), Path(data_dir), Path(out_dir)
@@ -399,8 +416,7 @@ def text_samples(
     ``fools_base`` is true when the original is right and the decoded text wrong. Writes ``out_path`` (JSON)
     atomically and returns it.
     """
-    if epsilon < 0 or steps < 0 or step_size_ratio <= 0 or batch_size < 1:
-        raise CarlrarError("epsilon and steps must be >= 0, step_size_ratio > 0 and batch_size >= 1")
+    _check_settings([("epsilon", "analysis.samples_epsilon", epsilon)], steps, step_size_ratio, batch_size, seed)
     from carlrar.training import batches, encode_split, load_trained_run
 
     data_dir = Path(data_dir)

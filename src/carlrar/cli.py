@@ -5,11 +5,51 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from carlrar.config import DATASET_NAMES, METHODS
+from carlrar.config import DATASET_NAMES, METHODS, bound_problem
 from carlrar.errors import CarlrarError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2) like every other carlrar error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+def config_number(key: str, kind: type[int] | type[float] = float) -> Callable[[str], int | float]:
+    """An argparse type for an option mirroring config key ``key``: the same type and bounds as the schema's."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        problem = bound_problem(key, value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text} {'is ' if problem.startswith('not') else ''}{problem}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in its messages
+    return parse
+
+
+def one_line(message: str) -> str:
+    """A message as one line: wrapped texts from libraries must not break the one-line error rule."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
@@ -111,16 +151,28 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
     """``attack`` (Tables 4 and 5) and ``samples`` (Table 6)."""
 
     def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--steps", type=int, default=10, help="k, the number of PGD steps (default: 10)")
+        sub.add_argument(
+            "--steps",
+            type=config_number("analysis.steps", int),
+            default=10,
+            help="k, the number of PGD steps (default: 10)",
+        )
         sub.add_argument(
             "--step-size-ratio",
-            type=float,
+            type=config_number("analysis.step_size_ratio"),
             default=0.25,
             help="step size alpha as a fraction of epsilon (default: 0.25, i.e. alpha = epsilon / 4)",
         )
-        sub.add_argument("--batch-size", type=int, default=64, help="examples per attacked batch (default: 64)")
+        sub.add_argument(
+            "--batch-size",
+            type=config_number("analysis.batch_size", int),
+            default=64,
+            help="examples per attacked batch (default: 64)",
+        )
         sub.add_argument("--device", default="auto", help="auto (a free GPU, else CPU), cpu, cuda or cuda:N")
-        sub.add_argument("--seed", type=int, default=0, help="seed of the random starts (default: 0)")
+        sub.add_argument(
+            "--seed", type=config_number("analysis.seed", int), default=0, help="seed of the random starts (default: 0)"
+        )
 
     attack = commands.add_parser(
         "attack",
@@ -142,7 +194,7 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
     attack.add_argument("--out", required=True, type=Path, help="output folder")
     attack.add_argument(
         "--epsilons",
-        type=float,
+        type=config_number("analysis.epsilons[]"),
         nargs="+",
         default=[0.02, 0.075, 0.1],
         help="l2 radii of the attack, per sentence (default: 0.02 0.075 0.1, as in Table 5)",
@@ -166,7 +218,12 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
     samples.add_argument("--base-run", required=True, type=Path, help="the base run of the same dataset and seed")
     samples.add_argument("--data", required=True, type=Path, help="the prepared dataset folder (e.g. SST-2)")
     samples.add_argument("--out", required=True, type=Path, help="output JSON file")
-    samples.add_argument("--epsilon", type=float, default=0.1, help="l2 radius of the attack (default: 0.1)")
+    samples.add_argument(
+        "--epsilon",
+        type=config_number("analysis.samples_epsilon"),
+        default=0.1,
+        help="l2 radius of the attack (default: 0.1)",
+    )
     common(samples)
     samples.set_defaults(run=_cmd_samples)
 
@@ -230,10 +287,10 @@ def _add_paired_parser(commands: argparse._SubParsersAction) -> None:
         "--summaries", nargs="*", default=[], type=Path, help="summary.json files of 'carlrar attack' (optional)"
     )
     paired.add_argument("--out", required=True, type=Path, help="output prefix, e.g. results/paper/tables/table_paired")
-    paired.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples B (default: 10000)")
+    paired.add_argument("--resamples", type=positive_int, default=10_000, help="bootstrap resamples B (default: 10000)")
     paired.add_argument(
         "--seed",
-        type=int,
+        type=config_number("analysis.seed", int),
         default=2021,
         help="seed of the bootstrap's numpy generator, recorded in the CSV (default: 2021)",
     )
@@ -256,7 +313,7 @@ def _cmd_hpsearch_select(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="carlrar",
         description="CARL and RAR adversarial training for text classifiers: data, training, attacks, tables.",
     )
@@ -305,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     train.add_argument("--method", required=True, choices=METHODS)
-    train.add_argument("--seed", required=True, type=int, help="training seed (model init, order, dropout, negatives)")
+    train.add_argument(
+        "--seed",
+        required=True,
+        type=config_number("training.seeds[]", int),
+        help="training seed (model init, order, dropout, negatives)",
+    )
     train.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
     train.add_argument("--out", required=True, type=Path, help="run folder")
     train.add_argument("--device", default="auto", help="auto (a free GPU, else CPU), cpu, cuda or cuda:N")
@@ -441,7 +503,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except CarlrarError as exc:
-        print(f"carlrar {args.command}: error: {exc}", file=sys.stderr)
+        print(f"carlrar {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (disk full, permissions, ...): the user's to fix, not a bug
+        print(f"carlrar {args.command}: error: {one_line(str(exc))}; check free space and permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"carlrar {args.command}: interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -70,8 +71,66 @@ def _non_finite_key(node: Any, where: str = "") -> str | None:
     return None
 
 
+# YAML 1.2 floats without a dot (1e-4, 5E3): YAML 1.1, which PyYAML and Snakemake follow, reads them as strings.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+def _schema_node(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    ref = schema.get("$ref", "")
+    return root["$defs"][ref.rsplit("/", 1)[1]] if ref.startswith("#/$defs/") else schema
+
+
+def coerce_exponent_numbers(raw: Any, schema: dict[str, Any] | None = None, root: dict[str, Any] | None = None) -> Any:
+    """Turn strings such as "1e-4" into floats where the schema expects a number (in place; returns ``raw``).
+
+    Only number-typed keys are touched, so a file name or run name that happens to look like 1e5 stays a string.
+    """
+    root = root or load_schema()
+    schema = _schema_node(schema or root, root)
+    if isinstance(raw, dict):
+        known, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        for key, value in raw.items():
+            sub = known.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                raw[key] = coerce_exponent_numbers(value, sub, root)
+    elif isinstance(raw, list) and isinstance(schema.get("items"), dict):
+        raw[:] = [coerce_exponent_numbers(value, schema["items"], root) for value in raw]
+    elif isinstance(raw, str) and _EXPONENT_FLOAT.match(raw):
+        types = schema.get("type", [])
+        if "number" in (types if isinstance(types, list) else [types]):
+            return float(raw.replace("_", ""))
+    return raw
+
+
+def bound_problem(key: str, value: float) -> str | None:
+    """Why ``value`` breaks the schema's type and bounds for ``key``, or None; "name[]" means an item of a list.
+
+    Command-line options that mirror a config key (``attack --steps`` is ``analysis.steps``) check their values
+    here, so the command line and the config accept exactly the same numbers.
+    """
+    node: dict[str, Any] = load_schema()
+    for part in key.split("."):
+        node = node["properties"][part.removesuffix("[]")]
+        if part.endswith("[]"):
+            node = node["items"]
+    types = node["type"] if isinstance(node["type"], list) else [node["type"]]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "not a finite number"
+    if "integer" in types and "number" not in types and not isinstance(value, int):
+        return "not an integer"
+    limits = (
+        ("minimum", lambda bound: value >= bound, ">="),
+        ("exclusiveMinimum", lambda bound: value > bound, ">"),
+        ("maximum", lambda bound: value <= bound, "<="),
+        ("exclusiveMaximum", lambda bound: value < bound, "<"),
+    )
+    failed = [f"{sign} {node[name]}" for name, holds, sign in limits if name in node and not holds(node[name])]
+    return f"must be {failed[0]} (as config key {key.replace('[]', '')})" if failed else None
+
+
 def resolve(raw: dict[str, Any]) -> dict[str, Any]:
     """Validate a config mapping and fill in the defaults (in place); raise ConfigError naming the key."""
+    coerce_exponent_numbers(raw)
     bad = _non_finite_key(raw)
     if bad:
         raise ConfigError(f"config key '{bad}': NaN and infinity are not allowed; give a finite number")

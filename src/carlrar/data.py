@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,21 @@ def _label_from_text(value: str, spec: DatasetSpec, where: str, one_based: bool)
     return label
 
 
+def _strict_records(reader: Any, path: Path) -> Iterator[list[str]]:
+    """The reader's records; a malformed quote (e.g. a file cut inside a quoted field) is one DataError.
+
+    ``strict=True`` readers raise instead of silently closing the open field at the end of the file, which
+    would turn half a row into an example.
+    """
+    try:
+        yield from reader
+    except csv.Error as exc:
+        raise DataError(
+            f"{path}:{reader.line_num}: malformed CSV ({exc}): a quoted field is not closed or a quote is "
+            "misplaced; is the file cut short? Restore the complete file"
+        ) from None
+
+
 def read_file(path: Path, spec: DatasetSpec) -> RawSplit:
     """Read one raw file, recognising its format from the first line."""
     text = _decode(path)
@@ -174,14 +190,19 @@ def read_file(path: Path, spec: DatasetSpec) -> RawSplit:
         )
         next(reader)
     elif first_line.replace(" ", "").lower() == "label,text":
-        fmt, reader, n_cols = "label-text-csv", csv.reader(io.StringIO(text)), 2
+        fmt, reader, n_cols = "label-text-csv", csv.reader(io.StringIO(text), strict=True), 2
         next(reader)
         one_based = None  # decided below: integer labels are 1-based unless the file uses 0
     else:
-        fmt, reader, n_cols, one_based = "zhang-csv", csv.reader(io.StringIO(text)), 1 + spec.text_fields, True
+        fmt, reader, n_cols, one_based = (
+            "zhang-csv",
+            csv.reader(io.StringIO(text), strict=True),
+            1 + spec.text_fields,
+            True,
+        )
 
     parsed: list[tuple[int, str, str]] = []
-    for record in reader:
+    for record in _strict_records(reader, path):
         line = reader.line_num
         if not record or record == [""]:
             continue

@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from carlrar.errors import CarlrarError
+from carlrar.errors import CarlrarError, first_line
 
 RANDOM_PREFIX = "random:"
 MINILM_ALIAS = "minilm-l6"
@@ -166,15 +166,16 @@ def resolve_source(source: str) -> str:
 
 def load_error(name: str, source: str, exc: Exception) -> ModelLoadError:
     """Explain a failed ``from_pretrained`` so that the user knows what to do offline."""
+    reason = first_line(exc)
     if Path(source).is_dir():
         hint = (
-            f"the folder '{source}' exists but does not hold a loadable checkpoint ({exc}); "
+            f"the folder '{source}' exists but does not hold a loadable checkpoint ({reason}); "
             f"a folder with only config and tokenizer can be used as '{RANDOM_PREFIX}{source}'"
         )
     else:
         hint = (
             f"it is not a local folder, and the Hugging Face hub is unreachable or has no such "
-            f"model ({exc}); download it where the hub is reachable, save it with "
+            f"model ({reason}); download it where the hub is reachable, save it with "
             "save_pretrained, and pass that folder's path instead "
             f"(or use '{MINILM_ALIAS}', which needs no network)"
         )
@@ -210,7 +211,9 @@ def load_model(
             encoder = AutoModel.from_config(config)
         else:
             encoder = AutoModel.from_pretrained(resolved)
-    except OSError as exc:
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # missing, truncated or foreign files fail in OSError, safetensors or json alike
         raise load_error(name, resolved, exc) from exc
     try:
         return TextClassifier(encoder, num_labels, pooling), tokenizer

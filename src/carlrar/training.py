@@ -864,7 +864,7 @@ def _train(
         collective.barrier()
         return TrainResult(metrics={}, run_dir=run_dir)
 
-    best = load_file(str(best_dir / "weights.safetensors"))
+    best = _read_best_weights(best_dir / "weights.safetensors")
     model.load_state_dict({k.removeprefix("model."): v for k, v in best.items() if k.startswith("model.")})
     test_accuracy = (
         evaluate(model, test_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)[0] if len(test_split) else None

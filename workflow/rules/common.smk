@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 import carlrar
-from carlrar.config import ConfigError, resolve
+from carlrar.config import ConfigError, coerce_exponent_numbers, resolve
 from carlrar.storage import write_text
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
@@ -27,6 +27,7 @@ if workflow.overwrite_configfiles and not workflow.config_settings.replace_workf
 
 # carlrar's own check first: one line naming the key (snakemake's validate() would print the whole schema), plus
 # the rules that span keys (start_step xor start_epoch, official dev only for sst2, ...), as the CLI reports them.
+coerce_exponent_numbers(config)  # 1e-4 is a number (YAML 1.2), though Snakemake's YAML 1.1 loader reads a string
 try:
     resolve(copy.deepcopy(config))
 except ConfigError as exc:
