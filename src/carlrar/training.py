@@ -963,8 +963,13 @@ def load_trained_run(run_dir: str | Path, device: torch.device | str = "cpu") ->
     best, metrics_path = run_dir / "best", run_dir / "metrics.json"
     if not (best / "weights.safetensors").is_file() or not metrics_path.is_file():
         raise CarlrarError(f"{run_dir} is not a finished training run (no best/weights.safetensors or metrics.json)")
+    if not (best / "config.json").is_file():
+        raise CarlrarError(f"{best} lacks config.json (the architecture of its weights); {RETRAIN_ADVICE}")
     weights = _read_best_weights(best / "weights.safetensors")
-    metrics = read_json(metrics_path, "the run's metrics.json")
+    try:
+        metrics = read_json(metrics_path, "the run's metrics.json")
+    except CarlrarError as exc:
+        raise CarlrarError(f"{exc}; {RETRAIN_ADVICE}") from None
     try:
         pooling = metrics["config"]["model"].get("pooling", "pooler")
     except (KeyError, TypeError, AttributeError):

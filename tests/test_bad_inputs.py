@@ -1,0 +1,429 @@
+"""A catalogue of bad inputs, each given to the ``carlrar`` command line: one line on stderr naming the problem and
+the way out, exit code 2, and the workspace byte for byte as it was (nothing written, moved or removed).
+
+The workspace holds raw files, a prepared dataset and another sample of it, two finished runs (base and rar) and
+two broken model folders; each case copies it, breaks one thing, runs one command and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from tiny import tiny_config
+
+from carlrar import training
+from carlrar.cli import main
+from carlrar.models import resolve_source
+
+Case = Callable[[Path], list[str]]
+
+
+def sst2_rows(n: int) -> str:
+    nouns = ["film", "plot", "cast", "story", "score", "script", "ending", "pace"]
+    lines = [f"a {nouns[i % 8]} so {'good' if i % 2 else 'bad'} {nouns[(i * 3) % 8]} \t{i % 2}" for i in range(n)]
+    return "sentence\tlabel\n" + "\n".join(lines) + "\n"
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's usage errors exit instead of returning
+        code = int(exit_.code or 0)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workspace every case starts from (built once through the command line itself)."""
+    ws = tmp_path_factory.mktemp("workspace")
+    (ws / "raw/sst2").mkdir(parents=True)
+    (ws / "raw/sst2/train.tsv").write_text(sst2_rows(40))
+    (ws / "raw/sst2/dev.tsv").write_text(sst2_rows(16))
+    (ws / "raw/ag_news").mkdir()
+    for split in ("train", "test"):
+        rows = "".join(f'"{c}","title {c} {i}","body {i}"\n' for i in range(6) for c in (1, 2, 3, 4))
+        (ws / f"raw/ag_news/{split}.csv").write_text(rows)
+    config = tiny_config(epochs=1, checkpoint_every=2)
+    config["datasets"]["ag_news"] = {"per_class": {"train": 3, "dev": 1, "test": 2}}
+    (ws / "config.yaml").write_text(yaml.safe_dump(config))
+    (ws / "notes.txt").write_text("the user's own file\n")
+    (ws / "empty").mkdir()
+    other = ["--set", "datasets.sst2.per_class.train=18", "--set", "datasets.sst2.per_class.dev=6"]
+    for name, extra in (("sst2", []), ("sst2_other", other)):
+        assert main([*prepare_args(ws, out=f"data/{name}"), *extra]) == 0
+    for method in ("base", "rar"):
+        assert main(train_args(ws, method=method, out=f"runs/{method}")) == 0
+    source = Path(resolve_source("minilm-l6"))
+    for name in ("noweights", "truncated"):
+        shutil.copytree(source, ws / "models" / name, ignore=shutil.ignore_patterns("model.safetensors", "1_*"))
+    (ws / "models/truncated/model.safetensors").write_bytes(b"\x08\x00")
+    return ws
+
+
+@pytest.fixture
+def ws(pristine: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(pristine, tmp_path / "ws"))
+
+
+def prepare_args(ws: Path, dataset: str = "sst2", out: str = "data/new") -> list[str]:
+    return [
+        "prepare",
+        "--config",
+        f"{ws}/config.yaml",
+        "--dataset",
+        dataset,
+        "--raw-dir",
+        f"{ws}/raw",
+        "--out",
+        f"{ws}/{out}",
+    ]
+
+
+def train_args(
+    ws: Path, *extra: str, method: str = "base", out: str = "runs/new", data: str = "data/sst2"
+) -> list[str]:
+    return [
+        "train", "--config", f"{ws}/config.yaml", "--dataset", "sst2", "--method", method, "--seed", "1",
+        "--data", f"{ws}/{data}", "--out", f"{ws}/{out}", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def attack_args(ws: Path, *extra: str, run: str = "runs/base", data: str = "data/sst2") -> list[str]:
+    return [
+        "attack",
+        "--run",
+        f"{ws}/{run}",
+        "--data",
+        f"{ws}/{data}",
+        "--out",
+        f"{ws}/attack",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def samples_args(
+    ws: Path, *extra: str, run: str = "runs/rar", data: str = "data/sst2", out: str = "s.json"
+) -> list[str]:
+    return [
+        "samples", "--run", f"{ws}/{run}", "--base-run", f"{ws}/runs/base", "--data", f"{ws}/{data}",
+        "--out", f"{ws}/{out}", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def edit_json(path: Path, change: Callable[[dict], object]) -> None:
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def with_nan_weight(run: Path) -> None:
+    weights = load_file(str(run / "best/weights.safetensors"))
+    weights["model.classifier.weight"][0, 0] = float("nan")
+    save_file(weights, str(run / "best/weights.safetensors"))
+
+
+def edited_split(data: Path, split: str) -> None:
+    frame = pd.read_parquet(data / f"{split}.parquet")
+    frame.loc[0, "text"] = "an edited sentence"
+    frame.to_parquet(data / f"{split}.parquet")
+
+
+def mutate(action: Callable[[Path], object], args: Callable[[Path], list[str]]) -> Case:
+    """A case that first breaks something in the workspace, then runs a command."""
+
+    def case(ws: Path) -> list[str]:
+        action(ws)
+        return args(ws)
+
+    return case
+
+
+def write_config(text: str) -> Case:
+    def case(ws: Path) -> list[str]:
+        (ws / "bad.yaml").write_text(text)
+        args = train_args(ws)
+        args[args.index("--config") + 1] = f"{ws}/bad.yaml"
+        return args
+
+    return case
+
+
+LR = "training.learning_rate"
+CATALOGUE: dict[str, tuple[Case, str]] = {
+    # --- prepare: raw files and output paths
+    "csv cut inside a quoted field": (
+        mutate(
+            lambda ws: (ws / "raw/ag_news/train.csv").write_text('"1","a title","a bo'),
+            lambda ws: prepare_args(ws, "ag_news"),
+        ),
+        r"train.csv:1: malformed CSV \(unexpected end of data\)",
+    ),
+    "csv with a stray quote": (
+        mutate(
+            lambda ws: (ws / "raw/ag_news/test.csv").write_text('"1","a"b,"c"\n'),
+            lambda ws: prepare_args(ws, "ag_news"),
+        ),
+        r"test.csv:1: malformed CSV",
+    ),
+    "prepare --out is an existing file": (
+        lambda ws: prepare_args(ws, out="notes.txt"),
+        r"notes.txt exists and is not a folder",
+    ),
+    "prepare --out inside a file": (
+        lambda ws: prepare_args(ws, out="notes.txt/sst2"),
+        r"notes.txt is a file, so --out",
+    ),
+    "prepare an unknown dataset": (
+        lambda ws: [*prepare_args(ws)[:4], "imdb", *prepare_args(ws)[5:]],
+        r"invalid choice: 'imdb'",
+    ),
+    # --- configuration
+    "learning rate .inf in the config file": (
+        write_config(yaml.safe_dump(tiny_config()).replace("learning_rate: 0.003", "learning_rate: .inf")),
+        r"'training.learning_rate': NaN and infinity are not allowed",
+    ),
+    "learning rate .nan with --set": (
+        lambda ws: train_args(ws, "--set", f"{LR}=.nan"),
+        r"'training.learning_rate': NaN",
+    ),
+    "learning rate above its bound": (
+        lambda ws: train_args(ws, "--set", f"{LR}=5"),
+        r"learning_rate': 5 is greater than the maximum of 1",
+    ),
+    "huge FreeLB step": (
+        lambda ws: train_args(ws, "--set", "datasets.sst2.freelb.adv_lr=1e30", method="freelb"),
+        r"freelb.adv_lr': 1e\+30 is greater than the maximum",
+    ),
+    "config that is not YAML": (write_config("training: [\n"), r"bad.yaml is not valid YAML"),
+    "config file missing": (
+        lambda ws: [*train_args(ws)[:2], f"{ws}/none.yaml", *train_args(ws)[3:]],
+        r"config file not found",
+    ),
+    "override without =": (lambda ws: train_args(ws, "--set", LR), r"is not KEY=VALUE"),
+    "unknown config key": (
+        lambda ws: train_args(ws, "--set", "training.learning_rat=0.1"),
+        r"'learning_rat' was unexpected",
+    ),
+    # --- train: command-line values and output
+    "train --seed -1": (lambda ws: [*train_args(ws)[:8], "-1", *train_args(ws)[9:]], r"--seed: -1 must be >= 0"),
+    "train --seed 2**32": (lambda ws: [*train_args(ws)[:8], str(2**32), *train_args(ws)[9:]], r"must be <= 4294967295"),
+    "train --seed not a number": (
+        lambda ws: [*train_args(ws)[:8], "one", *train_args(ws)[9:]],
+        r"'one' is not an integer",
+    ),
+    "train --out is a file": (lambda ws: train_args(ws, out="notes.txt"), r"notes.txt exists and is not a folder"),
+    # --- prepared data
+    "manifest that is not JSON": (
+        mutate(lambda ws: (ws / "data/sst2/manifest.json").write_text("{"), train_args),
+        r"manifest.json is damaged \(Expecting",
+    ),
+    "manifest without splits": (
+        mutate(lambda ws: edit_json(ws / "data/sst2/manifest.json", lambda m: m.pop("splits")), train_args),
+        r"manifest.json is damaged \(splits.train lacks its rows and sha256\)",
+    ),
+    "manifest missing": (
+        mutate(lambda ws: (ws / "data/sst2/manifest.json").unlink(), train_args),
+        r"manifest.json not found: run 'carlrar prepare'",
+    ),
+    "parquet of garbage": (
+        mutate(lambda ws: (ws / "data/sst2/train.parquet").write_bytes(b"garbage"), train_args),
+        r"train.parquet is damaged or not a prepared split",
+    ),
+    "parquet with an edited row": (
+        mutate(lambda ws: edited_split(ws / "data/sst2", "dev"), train_args),
+        r"dev.parquet does not match its manifest",
+    ),
+    "parquet missing": (
+        mutate(lambda ws: (ws / "data/sst2/test.parquet").unlink(), train_args),
+        r"test.parquet not found; rerun 'carlrar prepare'",
+    ),
+    # --- the run folder's checkpoint and results
+    "checkpoint of another learning rate": (
+        lambda ws: train_args(ws, "--set", f"{LR}=0.001", out="runs/base"),
+        r"holds another run: its checkpoint belongs to another run \(training.learning_rate 0.003 -> 0.001\); "
+        r"rerun with --restart",
+    ),
+    "checkpoint of another method": (
+        lambda ws: train_args(ws, method="freelb", out="runs/base"),
+        r"its checkpoint belongs to another run \(method base -> freelb\)",
+    ),
+    "checkpoint of another data sample": (
+        lambda ws: train_args(ws, out="runs/base", data="data/sst2_other"),
+        r"its checkpoint belongs to another run \(data_sha256.dev ",
+    ),
+    "checkpoint record damaged": (
+        mutate(lambda ws: truncate(ws / "runs/base/checkpoint/state.json"), lambda ws: train_args(ws, out="runs/base")),
+        r"the checkpoint .*state.json is unreadable .*--restart",
+    ),
+    "checkpoint weights truncated": (
+        mutate(
+            lambda ws: truncate(ws / "runs/base/checkpoint/state.safetensors"),
+            lambda ws: train_args(ws, out="runs/base"),
+        ),
+        r"the checkpoint .*checkpoint is unreadable .*--restart",
+    ),
+    "checkpoint of an incompatible format": (
+        mutate(
+            lambda ws: edit_json(ws / "runs/base/checkpoint/state.json", lambda s: s.update(format=2)),
+            lambda ws: train_args(ws, out="runs/base"),
+        ),
+        r"incompatible version of carlrar \(format 2",
+    ),
+    "checkpoint from before run identities": (
+        mutate(
+            lambda ws: edit_json(ws / "runs/base/checkpoint/state.json", lambda s: s.pop("run_identity")),
+            lambda ws: train_args(ws, out="runs/base"),
+        ),
+        r"earlier carlrar that recorded no run identity",
+    ),
+    "finished run of another configuration without checkpoint": (
+        mutate(
+            lambda ws: shutil.rmtree(ws / "runs/base/checkpoint"),
+            lambda ws: train_args(ws, "--set", f"{LR}=0.001", out="runs/base"),
+        ),
+        r"its metrics.json belongs to another run \(training.learning_rate",
+    ),
+    # --- models and warm-ups
+    "model folder without weights": (
+        lambda ws: train_args(ws, "--set", f"model.name={ws}/models/noweights", "--set", "model.overrides={}"),
+        r"does not hold a loadable checkpoint",
+    ),
+    "model folder with truncated weights": (
+        lambda ws: train_args(ws, "--set", f"model.name={ws}/models/truncated", "--set", "model.overrides={}"),
+        r"does not hold a loadable checkpoint \(Error while deserializing header",
+    ),
+    "warm-up folder that holds none": (
+        lambda ws: train_args(ws, "--set", "training.rar.warmup_steps=5", "--rar-warmup", f"{ws}/empty", method="rar"),
+        r"holds no reconstructor warm-up",
+    ),
+    "rar-warmup --out is a file": (
+        lambda ws: [
+            "rar-warmup",
+            "--config",
+            f"{ws}/config.yaml",
+            "--dataset",
+            "sst2",
+            "--data",
+            f"{ws}/data/sst2",
+            "--out",
+            f"{ws}/notes.txt",
+        ],
+        r"notes.txt exists and is not a folder",
+    ),
+    # --- attack
+    "attack --steps 0": (
+        lambda ws: attack_args(ws, "--steps", "0"),
+        r"--steps: 0 must be >= 1 \(as config key analysis.steps\)",
+    ),
+    "attack --epsilons -0.1": (lambda ws: attack_args(ws, "--epsilons", "-0.1"), r"--epsilons: -0.1 must be >= 0"),
+    "attack --epsilons nan": (
+        lambda ws: attack_args(ws, "--epsilons", "nan"),
+        r"--epsilons: nan is not a finite number",
+    ),
+    "attack --batch-size 0": (lambda ws: attack_args(ws, "--batch-size", "0"), r"--batch-size: 0 must be >= 1"),
+    "attack --step-size-ratio 0": (
+        lambda ws: attack_args(ws, "--step-size-ratio", "0"),
+        r"--step-size-ratio: 0 must be > 0",
+    ),
+    "attack truncated best weights": (
+        mutate(lambda ws: truncate(ws / "runs/base/best/weights.safetensors"), attack_args),
+        r"weights.safetensors is unreadable .*train the run again",
+    ),
+    "attack NaN best weights": (
+        mutate(lambda ws: with_nan_weight(ws / "runs/base"), attack_args),
+        r"holds non-finite weights \(1 tensors, e.g. model.classifier.weight\)",
+    ),
+    "attack on another data sample": (
+        lambda ws: attack_args(ws, data="data/sst2_other"),
+        r"was evaluated on another dev sample than .*sst2_other holds",
+    ),
+    "attack something that is not a run": (lambda ws: attack_args(ws, run="data"), r"is not a finished training run"),
+    "attack a run with a damaged metrics.json": (
+        mutate(lambda ws: (ws / "runs/base/metrics.json").write_text("{"), attack_args),
+        r"metrics.json is not valid JSON: .*; train the run again",
+    ),
+    "attack a run whose best/ lost its config": (
+        mutate(lambda ws: (ws / "runs/base/best/config.json").unlink(), attack_args),
+        r"best lacks config.json \(the architecture of its weights\); train the run again",
+    ),
+    "attack --out is a file": (
+        lambda ws: [*attack_args(ws)[:6], f"{ws}/notes.txt", *attack_args(ws)[7:]],
+        r"notes.txt exists and is not a folder",
+    ),
+    # --- samples
+    "samples --epsilon 0": (lambda ws: samples_args(ws, "--epsilon", "0"), r"--epsilon: 0 must be > 0"),
+    "samples from a run without reconstructor": (lambda ws: samples_args(ws, run="runs/base"), r"has no reconstructor"),
+    "samples --out is a folder": (
+        lambda ws: samples_args(ws, out="empty"),
+        r"empty is a folder; give --out a file path",
+    ),
+    "samples on another data sample": (
+        lambda ws: samples_args(ws, data="data/sst2_other"),
+        r"evaluated on another dev sample",
+    ),
+}
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root``, hidden ones included, with the bytes of each file (None for folders)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE))
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(
+    ws: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    build, pattern = CATALOGUE[name]
+    argv = build(ws)
+    before = snapshot(ws)
+    code, err = run_cli(argv, capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert re.match(r"carlrar( \S+)?: error: ", err), err
+    assert re.search(pattern, err), err
+    assert snapshot(ws) == before, "a refused command changed the workspace"
+
+
+def test_the_catalogue_is_large_and_every_case_names_its_problem() -> None:
+    assert len(CATALOGUE) >= 45
+    assert len({pattern for _, pattern in CATALOGUE.values()}) > 40
+
+
+def test_a_diverging_run_stops_in_one_line_keeping_its_last_good_checkpoint(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lr .inf can no longer be configured, so the divergence is injected: the loss of step 4 turns NaN."""
+    real_step, calls = training.adversarial_backward, {"n": 0}
+
+    def nan_at_step_four(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            out.losses["ce"] = float("inf") * 0
+        return out
+
+    monkeypatch.setattr(training, "adversarial_backward", nan_at_step_four)
+    code, err = run_cli(train_args(ws, "--set", "training.epochs=2"), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"training diverged at step 4 \(epoch 1, batch 4\): loss nan \(ce nan\)", err), err
+    assert "last good checkpoint (step 2)" in err and "--restart" in err
+    run = ws / "runs/new"
+    assert json.loads((run / "checkpoint/state.json").read_text())["progress"]["step"] == 2
+    assert not (run / "metrics.json").exists() and not (run / "best").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert all(torch.isfinite(v).all() for v in load_file(str(run / "checkpoint/state.safetensors")).values())
