@@ -232,6 +232,17 @@ def _check_settings(
             raise CarlrarError(f"{name} {value} {'is ' if problem.startswith('not') else ''}{problem}")
 
 
+def _check_finite_records(records: pd.DataFrame, epsilon: float, amp_dtype: torch.dtype | None) -> None:
+    """Refuse to report an attack whose distances came out NaN or infinite (a success rate over them would lie)."""
+    measured = records[["perturbation_norm", "cosine", "euclidean"]].to_numpy()
+    if not bool(torch.isfinite(torch.from_numpy(measured)).all()):
+        raise CarlrarError(
+            f"the attack at epsilon {epsilon:g} produced non-finite representation distances (the run's outputs "
+            f"overflow, autocast {amp_dtype}); no summary was written; retrain the run with training.precision fp32 "
+            "or a lower learning rate"
+        )
+
+
 def summarize(records: pd.DataFrame) -> dict[str, Any]:
     """Table 4/5 figures from per-example records (TextAttack's definitions for accuracy and success rate).
 
@@ -350,6 +361,7 @@ def attack_split(
                 bar.update(len(batch.labels))
             bar.close()
             records = pd.DataFrame({key: torch.cat([p[key] for p in parts]).numpy() for key in parts[0]})
+            _check_finite_records(records, epsilon, amp_dtype)
             _write_parquet(records, records_path(out_dir, epsilon))
             entry = {
                 "epsilon": epsilon,

@@ -161,6 +161,9 @@ def _discard(run_dir: Path, reason: str) -> None:
     for name in RESULT_NAMES:
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
+            # The record first: a kill during the removal then leaves files nothing vouches for, never a record
+            # whose weights are half gone.
+            (path / "state.json").unlink(missing_ok=True)
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
