@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -235,7 +236,7 @@ def _check_settings(
 def _check_finite_records(records: pd.DataFrame, epsilon: float, amp_dtype: torch.dtype | None) -> None:
     """Refuse to report an attack whose distances came out NaN or infinite (a success rate over them would lie)."""
     measured = records[["perturbation_norm", "cosine", "euclidean"]].to_numpy()
-    if not bool(torch.isfinite(torch.from_numpy(measured)).all()):
+    if not bool(np.isfinite(measured).all()):
         raise CarlrarError(
             f"the attack at epsilon {epsilon:g} produced non-finite representation distances (the run's outputs "
             f"overflow, autocast {amp_dtype}); no summary was written; retrain the run with training.precision fp32 "
