@@ -15,6 +15,7 @@ from carlrar import data as data_module
 from carlrar.cli import main
 from carlrar.config import ConfigError, from_mapping, load_config
 from carlrar.data import DATASETS, DataError, prepare_dataset, read_file
+from carlrar.errors import CarlrarError
 
 
 def write(path: Path, text: str | bytes) -> Path:
@@ -147,12 +148,19 @@ def test_same_config_is_byte_identical_and_seed_changes_sample(tmp_path: Path, r
     assert list(read_split(tmp_path / "a", "train").source_row) != list(read_split(tmp_path / "c", "train").source_row)
 
 
-def test_rerun_replaces_existing_output(tmp_path: Path, raw: Path) -> None:
+def test_rerun_replaces_existing_output_but_never_a_folder_of_other_files(tmp_path: Path, raw: Path) -> None:
+    cfg = load_config(config(tmp_path, {"ag_news": SMALL["ag_news"]}))
     out = tmp_path / "o"
+    prepare_dataset(cfg, "ag_news", raw, out)
     write(out / "stale.txt", "old")
-    prepare_dataset(load_config(config(tmp_path, {"ag_news": SMALL["ag_news"]})), "ag_news", raw, out)
+    prepare_dataset(cfg, "ag_news", raw, out)
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    mine = tmp_path / "mine"
+    write(mine / "thesis.tex", "years of work")
+    with pytest.raises(CarlrarError, match=r"mine holds files but no manifest.json, so it is not an earlier output"):
+        prepare_dataset(cfg, "ag_news", raw, mine)
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
 
 
 def test_hub_rows_are_normalised_like_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -351,7 +351,8 @@ def prepare_dataset(config: Config, name: str, raw_dir: str | Path, out_dir: str
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     spec, ds = DATASETS[name], config.dataset(name)
-    check_output_dir(out_dir)  # before reading anything: an --out that is a file is refused, never moved
+    # Before reading anything: an --out that is a file or a folder of other files is refused, never moved.
+    check_output_dir(out_dir, replaces="manifest.json")
     raw_dir = Path(raw_dir)
     train_sizes: dict[str, Size] = {"dev": ds.per_class["dev"]} if ds.dev_source == "train" else {}
     train_sizes = {**train_sizes, "train": ds.per_class["train"]}  # dev first: "all" train takes the rest

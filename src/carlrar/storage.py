@@ -82,11 +82,20 @@ def recover_swaps(folder: str | Path, target: str | None = None) -> list[str]:
     return actions
 
 
-def check_output_dir(path: str | Path, option: str = "--out") -> None:
-    """Refuse, before any work, an output folder that is a file or cannot be created there."""
+def check_output_dir(path: str | Path, option: str = "--out", replaces: str | None = None) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be created there.
+
+    An output that replaces its folder as a whole names the file its own folders hold (``replaces``): an existing,
+    non-empty folder without it is the user's, not an earlier output, and is refused rather than replaced.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CarlrarError(f"{path} exists and is not a folder; give {option} a folder path (nothing was changed)")
+    if replaces and path.is_dir() and any(path.iterdir()) and not (path / replaces).is_file():
+        raise CarlrarError(
+            f"{path} holds files but no {replaces}, so it is not an earlier output this command may replace; "
+            f"give {option} a new or empty folder (nothing was changed)"
+        )
     _check_creatable(path, option)
 
 

@@ -264,7 +264,7 @@ def warm_up_reconstructor(
     from transformers import set_seed
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    check_output_dir(out_dir)
+    check_output_dir(out_dir, replaces=WARMUP_RECORD_FILE)
     manifest, rar = read_manifest(data_dir), config.training["rar"]
     device, lease = select_device(device_request)
     try:
