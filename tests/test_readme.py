@@ -37,3 +37,28 @@ def test_block_naming_a_missing_file_fails(tmp_path: Path) -> None:
     readme.write_text("<!-- include nowhere.md -->\n<!-- end include -->\n")
     result = sync("--check", "--readme", str(readme))
     assert result.returncode == 2 and "nowhere.md" in result.stderr
+
+
+def _sentences(config: Path, dataset: str, split: str) -> str:
+    """'1,400'-style count of a split's examples as the config asks for them (per class x classes)."""
+    import yaml
+
+    classes = {"sst2": 2, "ag_news": 4}[dataset]
+    per_class = yaml.safe_load(config.read_text())["datasets"][dataset]["per_class"][split]
+    return f"{per_class * classes:,}"
+
+
+def test_readme_sizes_match_the_configs() -> None:
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    quick, evidence = ROOT / "config" / "quick.yaml", ROOT / "config" / "minilm.yaml"
+    assert (
+        f"{_sentences(quick, 'sst2', 'train')} SST-2 training sentences ({_sentences(quick, 'sst2', 'dev')} GLUE dev"
+        in readme
+    )
+    assert (
+        f"{_sentences(quick, 'ag_news', 'train')} AG's News articles ({_sentences(quick, 'ag_news', 'dev')} dev, "
+        in readme
+    )
+    assert f"{_sentences(evidence, 'sst2', 'train')} SST-2 training sentences evaluated on" in readme
+    assert f"{_sentences(evidence, 'ag_news', 'train')} AG's News articles" in readme
+    assert f"({_sentences(evidence, 'ag_news', 'dev')} dev, {_sentences(evidence, 'ag_news', 'test')} test)" in readme

@@ -123,7 +123,9 @@ def _sentences(tokenizer: PreTrainedTokenizerBase) -> Batch:
     return Batch(inputs["input_ids"], inputs["attention_mask"], torch.zeros(n, dtype=torch.long), torch.arange(n))
 
 
-def test_warm_up_fits_the_head_alone_and_raises_token_accuracy() -> None:
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_warm_up_fits_the_head_alone_and_raises_token_accuracy(amp_dtype: torch.dtype | None) -> None:
+    """Also under bf16 autocast on the CPU, which once cached the first step's weights for the whole warm-up."""
     torch.manual_seed(0)
     model, tokenizer = load_model("random:minilm-l6", 2, TINY_BERT)
     reconstructor = build_reconstructor(model, "random:minilm-l6")
@@ -132,7 +134,7 @@ def test_warm_up_fits_the_head_alone_and_raises_token_accuracy() -> None:
     head_before = {k: v.clone() for k, v in head_state(reconstructor).items()}
 
     before = token_accuracy(model, reconstructor, [batch])
-    losses = warm_up(model, reconstructor, [batch] * 60, learning_rate=0.1)
+    losses = warm_up(model, reconstructor, [batch] * 60, learning_rate=0.1, amp_dtype=amp_dtype)
     after = token_accuracy(model, reconstructor, [batch])
 
     assert len(losses) == 60 and losses[-1] < losses[0] / 5

@@ -460,6 +460,12 @@ def test_paired_table_known_answers(tmp_path: Path) -> None:
     assert csv.loc[csv.measure == "clean", "epsilon"].isna().all()
     md = (tmp_path / "tables" / "table_paired.md").read_text()
     assert "| CARL − FreeLB " in md and "+5.00*" in md and "B = 2,000 resamples" in md
+    clean_mde = frame.loc[frame.measure == "clean", "mde80"]
+    attacked_mde = frame.loc[frame.measure == "attacked", "mde80"]
+    assert (
+        f"; {N_EXAMPLES} examples per seed): clean accuracy {clean_mde.min():.1f}–{clean_mde.max():.1f} points; "
+        f"accuracy under attack {attacked_mde.min():.1f}–{attacked_mde.max():.1f} points." in md
+    )
     tex = (tmp_path / "tables" / "table_paired.tex").read_text()
     assert r"CARL $-$ FreeLB" in tex and r"\epsilon" in tex and "×" not in tex
 

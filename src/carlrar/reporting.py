@@ -720,6 +720,21 @@ def _paired_display(part: pd.DataFrame, tex: bool) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _power_line(part: pd.DataFrame) -> str:
+    """One sentence per dataset: the range of the smallest detectable differences (MDE), clean and under attack."""
+    ranges = []
+    for measure, label in (("clean", "clean accuracy"), ("attacked", "accuracy under attack")):
+        mde = part.loc[part["measure"] == measure, "mde80"]
+        if len(mde):
+            ranges.append(f"{label} {mde.min():.1f}–{mde.max():.1f} points")
+    examples = ", ".join(str(n) for n in sorted(part["examples"].unique()))
+    return (
+        f"Smallest difference detectable at this size (MDE, 80 % power, alpha 0.05; {examples} examples per seed): "
+        + "; ".join(ranges)
+        + "."
+    )
+
+
 def write_table_paired(
     metrics_paths: Sequence[Path],
     summary_paths: Sequence[Path],
@@ -753,7 +768,7 @@ def write_table_paired(
     for dataset, part in frame.groupby("dataset", sort=False):
         name = DATASET_NAMES.get(dataset, dataset)
         table = _paired_display(part, tex=False).to_markdown(index=False, disable_numparse=True)
-        markdown.append(f"### {name}\n\n{table}\n")
+        markdown.append(f"### {name}\n\n{table}\n\n{_power_line(part)}\n")
         caption = f"Paired differences in accuracy, {name} (B = {resamples:,} bootstrap resamples, seed {seed})."
         latex.append(
             _paired_display(part, tex=True).to_latex(

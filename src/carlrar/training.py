@@ -278,18 +278,17 @@ def warm_up_reconstructor(
         train_split = encode_split(read_split(data_dir, "train", manifest), tokenizer, config.data.max_length)
         dev_split = encode_split(read_split(data_dir, "dev", manifest), tokenizer, config.data.max_length)
 
-        amp = autocast_context(device, amp_dtype_for(config.training["precision"], device))
+        amp_dtype = amp_dtype_for(config.training["precision"], device)
 
         def dev_accuracy() -> float:
             dev = batches(dev_split, torch.arange(len(dev_split)), config.training["eval_batch_size"], pad_id)
-            with amp:
+            with autocast_context(device, amp_dtype):
                 return token_accuracy(model, reconstructor, (b.to(device) for b in dev))
 
         started, before = time.perf_counter(), dev_accuracy()
         steps = _warmup_batches(train_split, rar["warmup_steps"], rar["warmup_batch_size"], rar["warmup_seed"], pad_id)
         bar = tqdm(steps, total=rar["warmup_steps"], desc=f"{dataset}/rar-warmup", unit="step", dynamic_ncols=True)
-        with amp:
-            losses = warm_up(model, reconstructor, (b.to(device) for b in bar), rar["warmup_learning_rate"])
+        losses = warm_up(model, reconstructor, (b.to(device) for b in bar), rar["warmup_learning_rate"], amp_dtype)
         bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
         if bad is not None:
             raise TrainingDiverged(
