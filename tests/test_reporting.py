@@ -460,6 +460,7 @@ def test_paired_table_known_answers(tmp_path: Path) -> None:
     assert csv.loc[csv.measure == "clean", "epsilon"].isna().all()
     md = (tmp_path / "tables" / "table_paired.md").read_text()
     assert "| CARL − FreeLB " in md and "+5.00*" in md and "B = 2,000 resamples" in md
+    assert "CARL − FreeLB (clean, +5.00)" in md and "Base (fine-tuning) − FreeLB (clean" not in md
     clean_mde = frame.loc[frame.measure == "clean", "mde80"]
     attacked_mde = frame.loc[frame.measure == "attacked", "mde80"]
     assert (
@@ -585,3 +586,16 @@ def test_figures_show_paired_differences_and_readable_distances(
     assert euclidean.get_xscale() == "linear"  # 1.0 everywhere: no ratio to show
     lines = [line for ax in saved["learning_curves"].axes for line in ax.lines if len(line.get_xdata()) == 6]
     assert lines and all(line.get_marker() not in (None, "None", "") for line in lines)
+
+
+def test_table2_reports_rar_reconstruction_means(tmp_path: Path) -> None:
+    paths = grid(tmp_path)
+    for seed, end in ((1, 0.90), (2, 0.94)):
+        accuracy = {"before_warmup": 0.0, "after_warmup": 0.85, "end": end}
+        paths.append(metrics_file(tmp_path, "sst2", "rar", seed, 0.9, reconstruction_dev_token_accuracy=accuracy))
+    write_table2(paths, tmp_path / "t2")
+    markdown = (tmp_path / "t2.md").read_text()
+    assert "| SST-2     | RAR      | 2       | 0.0              | 85.0            | 92.0              |" in markdown
+    assert "CARL" not in markdown.split("RAR's reconstructor")[1]  # only runs that record it
+    write_table2(grid(tmp_path / "no_rar"), tmp_path / "t2b")
+    assert "RAR's reconstructor" not in (tmp_path / "t2b.md").read_text()

@@ -177,6 +177,36 @@ def _note(splits: dict[str, str], typical_seeds: int, uniform: bool) -> str:
     )
 
 
+def _reconstruction_section(metrics_paths: list[Path]) -> str:
+    """Markdown: RAR's clean-dev token reconstruction accuracy before / after the warm-up and at the end (mean over
+    seeds), from the runs that record it; empty when none does (no RAR run)."""
+    rows = []
+    for path in metrics_paths:
+        m = read_json(path, "metrics file")
+        accuracy = m.get("reconstruction_dev_token_accuracy")
+        if accuracy:
+            rows.append({"dataset": m["dataset"], "method": m["method"], **accuracy})
+    if not rows:
+        return ""
+    frame = (
+        pd.DataFrame(rows)
+        .groupby(["dataset", "method"], sort=False)
+        .agg(
+            seeds=("end", "size"), before=("before_warmup", "mean"), after=("after_warmup", "mean"), end=("end", "mean")
+        )
+    )
+    frame = frame.reset_index()
+    frame["dataset"] = frame["dataset"].map(lambda d: DATASET_NAMES.get(d, d))
+    frame["method"] = frame["method"].map(lambda m: METHOD_NAMES.get(m, m))
+    for column in ("before", "after", "end"):
+        frame[column] = frame[column].map(lambda v: f"{100 * v:.1f}")
+    frame.columns = ["Dataset", "Method", "Seeds", "Before warm-up", "After warm-up", "End of training"]
+    return (
+        "\nRAR's reconstructor: clean dev tokens reconstructed (%, argmax of the head on clean token states, mean "
+        "over seeds):\n\n" + frame.to_markdown(index=False, disable_numparse=True) + "\n"
+    )
+
+
 def write_table2(metrics_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
     """Write Table 2 to ``PREFIX.md``, ``PREFIX.csv`` and ``PREFIX.tex`` (each atomically); return the long frame.
 
@@ -190,7 +220,7 @@ def write_table2(metrics_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
 
     wide_md, typical = _pivot(frame, "±")
     note = _note(ordered_splits, typical, uniform=bool((frame["seeds"] == typical).all()))
-    markdown = wide_md.to_markdown() + "\n\n" + note + "\n"
+    markdown = wide_md.to_markdown() + "\n\n" + note + "\n" + _reconstruction_section(list(metrics_paths))
 
     wide_tex, _ = _pivot(frame, r"$\pm$")
     wide_tex.index.name = None
@@ -735,6 +765,19 @@ def _power_line(part: pd.DataFrame) -> str:
     )
 
 
+def _excluding_zero_line(part: pd.DataFrame) -> str:
+    """One sentence per dataset: the comparisons whose 95 % interval excludes 0 (FreeLB as reference first)."""
+    found = part[(part["ci95_low"] > 0) | (part["ci95_high"] < 0)]
+    if found.empty:
+        return "No difference's 95 % interval excludes 0: every comparison here is within test-set noise."
+    items = [
+        f"{METHOD_NAMES.get(row.method, row.method)} − {METHOD_NAMES.get(row.reference, row.reference)} "
+        f"({_measure_name(row.measure, row.epsilon)}, {row.difference:+.2f})"
+        for row in found.itertuples()
+    ]
+    return f"95 % interval excludes 0 ({len(found)} of {len(part)} comparisons): " + "; ".join(items) + "."
+
+
 def write_table_paired(
     metrics_paths: Sequence[Path],
     summary_paths: Sequence[Path],
@@ -768,7 +811,7 @@ def write_table_paired(
     for dataset, part in frame.groupby("dataset", sort=False):
         name = DATASET_NAMES.get(dataset, dataset)
         table = _paired_display(part, tex=False).to_markdown(index=False, disable_numparse=True)
-        markdown.append(f"### {name}\n\n{table}\n\n{_power_line(part)}\n")
+        markdown.append(f"### {name}\n\n{table}\n\n{_power_line(part)}\n\n{_excluding_zero_line(part)}\n")
         caption = f"Paired differences in accuracy, {name} (B = {resamples:,} bootstrap resamples, seed {seed})."
         latex.append(
             _paired_display(part, tex=True).to_latex(

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wall-seconds", type=float, required=True, help="the whole run's measured wall time")
     parser.add_argument("--command", required=True, help="the command that was timed")
     parser.add_argument("--machine", default="2 CPU cores, no GPU", help="what it ran on")
+    parser.add_argument("--note", default="", help="how the measurement was made, if not in one clean go")
     args = parser.parse_args(argv)
     try:
         table = per_rule(args.run_dir / "benchmarks")
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Wall time: **{minutes} min {seconds:02d} s** on {args.machine}. "
         f"Jobs: {int(total['jobs'])}; CPU time of all jobs: {int(total['cpu_s']):,} s "
         f"(at two jobs at a time, {int(total['cpu_s']) / 120:.1f} min of wall time if both cores were always busy).\n\n"
-        "Per rule, from Snakemake's benchmark files (wall and CPU seconds summed over the rule's jobs):\n\n"
+        + (f"{args.note}\n\n" if args.note else "")
+        + "Per rule, from Snakemake's benchmark files (wall and CPU seconds summed over the rule's jobs):\n\n"
         f"{table.reset_index().to_markdown(index=False)}\n"
     )
     (args.run_dir / "timing.md").write_text(text, encoding="utf-8")
