@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes, seconds = divmod(round(args.wall_seconds), 60)
     total = table.sum()
     text = (
-        f"# Timing of `{args.command}`\n\n"
+        f"**Timing of `{args.command}`.** "
         f"Wall time: **{minutes} min {seconds:02d} s** on {args.machine}. "
         f"Jobs: {int(total['jobs'])}; CPU time of all jobs: {int(total['cpu_s']):,} s "
         f"(at two jobs at a time, {int(total['cpu_s']) / 120:.1f} min of wall time if both cores were always busy).\n\n"
