@@ -89,10 +89,10 @@ def prepare_args(ws: Path, dataset: str = "sst2", out: str = "data/new") -> list
 
 
 def train_args(
-    ws: Path, *extra: str, method: str = "base", out: str = "runs/new", data: str = "data/sst2"
+    ws: Path, *extra: str, method: str = "base", out: str = "runs/new", data: str = "data/sst2", seed: str = "1"
 ) -> list[str]:
     return [
-        "train", "--config", f"{ws}/config.yaml", "--dataset", "sst2", "--method", method, "--seed", "1",
+        "train", "--config", f"{ws}/config.yaml", "--dataset", "sst2", "--method", method, "--seed", seed,
         "--data", f"{ws}/{data}", "--out", f"{ws}/{out}", "--device", "cpu", *extra,
     ]  # fmt: skip
 
@@ -224,12 +224,9 @@ CATALOGUE: dict[str, tuple[Case, str]] = {
         r"'learning_rat' was unexpected",
     ),
     # --- train: command-line values and output
-    "train --seed -1": (lambda ws: [*train_args(ws)[:8], "-1", *train_args(ws)[9:]], r"--seed: -1 must be >= 0"),
-    "train --seed 2**32": (lambda ws: [*train_args(ws)[:8], str(2**32), *train_args(ws)[9:]], r"must be <= 4294967295"),
-    "train --seed not a number": (
-        lambda ws: [*train_args(ws)[:8], "one", *train_args(ws)[9:]],
-        r"'one' is not an integer",
-    ),
+    "train --seed -1": (lambda ws: train_args(ws, seed="-1"), r"--seed: -1 must be >= 0"),
+    "train --seed 2**32": (lambda ws: train_args(ws, seed=str(2**32)), r"must be <= 4294967295"),
+    "train --seed not a number": (lambda ws: train_args(ws, seed="one"), r"'one' is not an integer"),
     "train --out is a file": (lambda ws: train_args(ws, out="notes.txt"), r"notes.txt exists and is not a folder"),
     # --- prepared data
     "manifest that is not JSON": (

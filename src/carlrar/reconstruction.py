@@ -129,14 +129,16 @@ def token_accuracy(model: TextClassifier, reconstructor: Reconstructor, batches:
     any adversary. ``batches`` yields :class:`carlrar.adversary.Batch` objects already on the model's device.
     """
     was_training = model.training, reconstructor.training
-    model.eval(), reconstructor.eval()
+    model.eval()
+    reconstructor.eval()
     correct = total = 0
     for batch in batches:
         real = batch.attention_mask.bool()
         states = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).tokens[real]
         correct += int((reconstructor(states).argmax(-1) == batch.input_ids[real]).sum())
         total += int(real.sum())
-    model.train(was_training[0]), reconstructor.train(was_training[1])
+    model.train(was_training[0])
+    reconstructor.train(was_training[1])
     return correct / total if total else float("nan")
 
 

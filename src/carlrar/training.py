@@ -273,7 +273,8 @@ def warm_up_reconstructor(
             config.model["name"], manifest["num_labels"], config.model.get("overrides") or None, "cls"
         )
         reconstructor = build_reconstructor(model, config.model["name"])
-        model.to(device), reconstructor.to(device)
+        model.to(device)
+        reconstructor.to(device)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         train_split = encode_split(read_split(data_dir, "train", manifest), tokenizer, config.data.max_length)
         dev_split = encode_split(read_split(data_dir, "dev", manifest), tokenizer, config.data.max_length)
