@@ -40,6 +40,7 @@ RANK_SCRIPT = textwrap.dedent(
               f"{out}/rank{rank}.safetensors")
     json.dump({"loss": loss.item(), "grad": param.grad.tolist(),
                "sampler": carl.sampler.generator.get_state().tolist()}, open(f"{out}/rank{rank}.json", "w"))
+    collective.close()
     """
 )
 

@@ -47,6 +47,9 @@ class Collective:
     def barrier(self) -> None:
         """Wait for every rank."""
 
+    def close(self) -> None:
+        """Leave the process group (nothing to leave for a single process)."""
+
 
 class ProcessGroupCollective(Collective):
     """Collectives over the default process group (gloo on CPU, NCCL on CUDA)."""
@@ -89,6 +92,13 @@ class ProcessGroupCollective(Collective):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def close(self) -> None:
+        """Wait for every rank, then tear the group down: a gloo group left to interpreter exit can abort the
+        process ("terminate called without an active exception") after all the work is done."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def launched_by_torchrun() -> bool:

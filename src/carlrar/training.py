@@ -655,7 +655,7 @@ def train(
         resume = (run_dir / "checkpoint" / "state.json").is_file()
     device, lease = (rank_device, None) if rank_device is not None else select_device(device_request)
     try:
-        return _train(
+        result = _train(
             config,
             dataset,
             method_name,
@@ -670,6 +670,8 @@ def train(
             resume,
             frames,
         )
+        collective.close()  # on success only: a failed rank's peers are stopped by torchrun, not by a barrier
+        return result
     finally:
         if lease is not None:
             lease.release()
