@@ -31,13 +31,13 @@ $(STAMP): pyproject.toml
 # SNAKEMAKE_ARGS passes more options, e.g. `make quick SNAKEMAKE_ARGS=-n` for the plan only.
 quick: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/quick --cores $(QUICK_CORES) \
-		--configfile config/quick.yaml --config raw_dir="$(RAW_DIR)" $(SNAKEMAKE_ARGS)
+		--configfile config/quick.yaml --replace-workflow-config --config raw_dir="$(RAW_DIR)" $(SNAKEMAKE_ARGS)
 
 # The evidence run: the quick recipe on larger samples, 3 seeds, k = 10 attacks, about 90 minutes on 2 cores
 # (config/minilm.yaml; results under results/minilm/).
 evidence: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/quick --cores $(QUICK_CORES) \
-		--configfile config/minilm.yaml --config raw_dir="$(RAW_DIR)" $(SNAKEMAKE_ARGS)
+		--configfile config/minilm.yaml --replace-workflow-config --config raw_dir="$(RAW_DIR)" $(SNAKEMAKE_ARGS)
 
 # The default suite (under 10 minutes on 2 cores); test-slow adds the long end-to-end checks (DVC, report).
 test: setup

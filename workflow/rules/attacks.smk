@@ -1,19 +1,17 @@
 # Robustness analysis (SPEC 7): k-PGD on every run's evaluated split (Tables 4, 5), text-form samples from the
 # rar / carl_rar runs (Table 6), and the figures.
-ANALYSIS = config["analysis"]
-
 
 rule attack:
     input:
         metrics=f"{RESULTS}/runs/{{dataset}}/{{method}}/seed{{seed}}/metrics.json",
-        manifest=f"{PROCESSED}/{{dataset}}/manifest.json",
+        manifest=prepared_manifest,
         code=code_inputs(ATTACK_CODE),
     output:
         summary=f"{RESULTS}/attacks/{{dataset}}/{{method}}/seed{{seed}}/summary.json",
     params:
-        run=lambda wildcards: run_dir(wildcards.dataset, wildcards.method, wildcards.seed),
-        data=lambda wildcards: data_dir(wildcards.dataset),
-        out=lambda wildcards, output: str(Path(output.summary).parent),
+        run=lambda wildcards, input: str(Path(input.metrics).parent),
+        data=lambda wildcards, input: str(Path(input.manifest).parent),
+        out=parent_of("summary"),
         epsilons=" ".join(str(e) for e in ANALYSIS["epsilons"]),
         settings=f"--steps {ANALYSIS['steps']} --step-size-ratio {ANALYSIS['step_size_ratio']}"
         f" --batch-size {ANALYSIS['batch_size']} --seed {ANALYSIS['seed']}",
@@ -21,11 +19,16 @@ rule attack:
         f"{LOGS}/attack/{{dataset}}/{{method}}/seed{{seed}}.log",
     benchmark:
         f"{BENCHMARKS}/attack/{{dataset}}/{{method}}/seed{{seed}}.tsv"
+    conda:
+        "../envs/carlrar.yaml"
     threads: 4
     resources:
         gpu=1,
+        gpu_slots=1,
+        mem_mb=16000,
+        runtime=120,
     shell:
-        "OMP_NUM_THREADS={threads} carlrar attack --run {params.run:q} --data {params.data:q} --out {params.out:q}"
+        "OMP_NUM_THREADS={threads} CARLRAR_GPU_SLOTS={resources.gpu_slots} carlrar attack --run {params.run:q} --data {params.data:q} --out {params.out:q}"
         " --epsilons {params.epsilons} {params.settings} > {log:q} 2>&1"
 
 
@@ -33,23 +36,30 @@ rule samples:
     input:
         metrics=f"{RESULTS}/runs/{{dataset}}/{{method}}/seed{{seed}}/metrics.json",
         base=f"{RESULTS}/runs/{{dataset}}/base/seed{{seed}}/metrics.json",
-        manifest=f"{PROCESSED}/{{dataset}}/manifest.json",
+        manifest=prepared_manifest,
         code=code_inputs(ATTACK_CODE),
     output:
         report=f"{RESULTS}/samples/{{dataset}}/{{method}}/seed{{seed}}.json",
     params:
-        run=lambda wildcards: run_dir(wildcards.dataset, wildcards.method, wildcards.seed),
-        base=lambda wildcards: run_dir(wildcards.dataset, "base", wildcards.seed),
-        data=lambda wildcards: data_dir(wildcards.dataset),
+        run=lambda wildcards, input: str(Path(input.metrics).parent),
+        base=lambda wildcards, input: str(Path(input.base).parent),
+        data=lambda wildcards, input: str(Path(input.manifest).parent),
         settings=f"--epsilon {ANALYSIS['samples_epsilon']} --steps {ANALYSIS['steps']}"
         f" --step-size-ratio {ANALYSIS['step_size_ratio']} --batch-size {ANALYSIS['batch_size']} --seed {ANALYSIS['seed']}",
     log:
         f"{LOGS}/samples/{{dataset}}/{{method}}/seed{{seed}}.log",
+    benchmark:
+        f"{BENCHMARKS}/samples/{{dataset}}/{{method}}/seed{{seed}}.tsv"
+    conda:
+        "../envs/carlrar.yaml"
     threads: 4
     resources:
         gpu=1,
+        gpu_slots=1,
+        mem_mb=16000,
+        runtime=60,
     shell:
-        "OMP_NUM_THREADS={threads} carlrar samples --run {params.run:q} --base-run {params.base:q}"
+        "OMP_NUM_THREADS={threads} CARLRAR_GPU_SLOTS={resources.gpu_slots} carlrar samples --run {params.run:q} --base-run {params.base:q}"
         " --data {params.data:q} --out {output.report:q} {params.settings} > {log:q} 2>&1"
 
 
@@ -63,10 +73,12 @@ rule robustness_tables:
                 labels={"table": name, "format": ext}) if ext == "md" else f"{TABLES}/{name}.{ext}"
          for name in ROBUSTNESS_TABLES for ext in ("md", "csv", "tex")],
     params:
-        out=TABLES,
+        out=lambda wildcards, output: str(Path(output[0]).parent),
         samples=lambda wildcards, input: ("--samples " + " ".join(input.samples)) if input.samples else "",
     log:
         f"{LOGS}/tables/robustness.log",
+    conda:
+        "../envs/carlrar.yaml"
     localrule: True
     shell:
         "carlrar robustness-tables --summaries {input.summaries:q} {params.samples} --out-dir {params.out:q}"
@@ -84,9 +96,11 @@ rule figures:
                 labels={"figure": name}) if ext == "png" else f"{FIGURES}/{name}.{ext}"
          for name in FIGURE_NAMES for ext in ("pdf", "png")],
     params:
-        out=FIGURES,
+        out=lambda wildcards, output: str(Path(output[0]).parent),
     log:
         f"{LOGS}/figures/figures.log",
+    conda:
+        "../envs/carlrar.yaml"
     localrule: True
     shell:
         "MPLBACKEND=Agg carlrar figures --metrics {input.metrics:q} --summaries {input.summaries:q}"

@@ -12,9 +12,11 @@ rule table2:
                    labels={"table": "2 (accuracy)", "format": "csv"}),
         tex=f"{TABLE2_PREFIX}.tex",
     params:
-        prefix=lambda wildcards, output: output.md.removesuffix(".md"),
+        prefix=prefix_of("md"),
     log:
         f"{LOGS}/table2/table2_accuracy.log",
+    conda:
+        "../envs/carlrar.yaml"
     localrule: True
     shell:
         "carlrar table2 --metrics {input.metrics:q} --out {params.prefix:q} > {log:q} 2>&1"
@@ -30,9 +32,11 @@ rule table7:
         csv=report(f"{TABLE7_PREFIX}.csv", caption="../report/table7.rst", category="Tables",
                    labels={"table": "7 (parameters)", "format": "csv"}),
     params:
-        prefix=TABLE7_PREFIX,
+        prefix=prefix_of("md"),
     log:
         f"{LOGS}/table7/table7_params.log",
+    conda:
+        "../envs/carlrar.yaml"
     localrule: True
     shell:
         "carlrar table7 --metrics {input.metrics:q} --out {params.prefix:q} > {log:q} 2>&1"
@@ -50,9 +54,11 @@ rule paired_table:
                 labels={"table": "paired differences", "format": ext}) if ext in ("md", "csv")
          else f"{TABLES}/table_paired.{ext}" for ext in ("md", "csv", "tex")],
     params:
-        prefix=f"{TABLES}/table_paired",
+        prefix=lambda wildcards, output: str(Path(output[0]).with_suffix("")),
     log:
         f"{LOGS}/tables/paired.log",
+    conda:
+        "../envs/carlrar.yaml"
     localrule: True
     shell:
         "carlrar paired-table --metrics {input.metrics:q} --summaries {input.summaries:q} --out {params.prefix:q}"

@@ -1,51 +1,39 @@
 # Training: one job per (dataset, method, seed) of the config grid; each writes its run folder with metrics.json.
-# Device selection (which GPU, or the CPU) happens inside `carlrar train`; `gpu=1` lets the scheduler cap how
-# many runs share the machine (`--resources gpu=N`) or request one GPU per job on SLURM.
-
-
-RAR_WARMUP = f"{RESULTS}/rar_warmup"
-
-
-def rar_warmup_input(wildcards):
-    """rar and carl_rar start from the dataset's reconstructor warm-up when training.rar.warmup_steps > 0."""
-    if wildcards.method in ("rar", "carl_rar") and config["training"]["rar"]["warmup_steps"]:
-        return {"warmup": f"{RAR_WARMUP}/{wildcards.dataset}/warmup.json"}
-    return {}
-
-
-def rar_warmup_fingerprint(wildcards):
-    rar = {k: v for k, v in config["training"]["rar"].items() if k.startswith("warmup_")}
-    return _fingerprint({"model": config["model"], "rar": rar, "data": config["data"],
-                         "eval_batch_size": config["training"]["eval_batch_size"]})
-
-
-def rar_warmup_flag(wildcards, input):
-    return f"--rar-warmup {Path(input.warmup).parent}" if "warmup" in input.keys() else ""
+# Device selection (which GPU, or the CPU) happens inside `carlrar train`: on a local machine each GPU job leases
+# one of CARLRAR_GPU_SLOTS slots of a free GPU (resources gpu_slots); under SLURM the job's own GPU is used.
+# `gpu=1` lets Snakemake cap the GPU jobs of one machine (`--resources gpu=N`) or request a GPU per SLURM job.
+# Memory and runtime below are defaults for a paper-size ALBERT-base run; profiles override them (set-resources).
 
 
 # RAR's reconstructor warm-up (a backbone without a pretrained MLM head, e.g. MiniLM): once per dataset, shared
 # by the rar and carl_rar runs of every seed.
 rule rar_warmup:
     input:
-        manifest=f"{PROCESSED}/{{dataset}}/manifest.json",
-        code=code_inputs(TRAIN_CODE + ["reconstruction.py"]),
+        manifest=prepared_manifest,
+        code=method_code("rar"),
     output:
         record=f"{RAR_WARMUP}/{{dataset}}/warmup.json",
     params:
         config=RESOLVED_CONFIG,
-        data=lambda wildcards: data_dir(wildcards.dataset),
-        out=lambda wildcards, output: str(Path(output.record).parent),
+        data=lambda wildcards, input: str(Path(input.manifest).parent),
+        out=parent_of("record"),
         fingerprint=rar_warmup_fingerprint,
     log:
         f"{LOGS}/rar_warmup/{{dataset}}.log",
     benchmark:
         f"{BENCHMARKS}/rar_warmup/{{dataset}}.tsv"
+    conda:
+        "../envs/carlrar.yaml"
     threads: 4
     resources:
         gpu=1,
+        gpu_slots=1,
+        mem_mb=16000,
+        runtime=30,
     shell:
-        "OMP_NUM_THREADS={threads} carlrar rar-warmup --config {params.config:q} --dataset {wildcards.dataset}"
-        " --data {params.data:q} --out {params.out:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} CARLRAR_GPU_SLOTS={resources.gpu_slots} carlrar rar-warmup"
+        " --config {params.config:q} --dataset {wildcards.dataset} --data {params.data:q} --out {params.out:q}"
+        " > {log:q} 2>&1"
 
 
 # --restart-if-changed: the job reruns when its params (the config fingerprint), code or data change; the run folder's
@@ -56,24 +44,30 @@ rule train:
         # Only the manifest, not the parquet files: it is small, so Snakemake compares its checksum, and it holds
         # the splits' content hashes. A re-prepare that yields identical splits therefore reruns no training.
         unpack(rar_warmup_input),
-        manifest=f"{PROCESSED}/{{dataset}}/manifest.json",
+        manifest=prepared_manifest,
         code=train_code,
     output:
         metrics=f"{RESULTS}/runs/{{dataset}}/{{method}}/seed{{seed}}/metrics.json",
     params:
         config=RESOLVED_CONFIG,
-        data=lambda wildcards: data_dir(wildcards.dataset),
-        out=lambda wildcards: run_dir(wildcards.dataset, wildcards.method, wildcards.seed),
+        data=lambda wildcards, input: str(Path(input.manifest).parent),
+        out=parent_of("metrics"),
         fingerprint=train_fingerprint,
         rar_warmup=rar_warmup_flag,
     log:
         f"{LOGS}/train/{{dataset}}/{{method}}/seed{{seed}}.log",
     benchmark:
         f"{BENCHMARKS}/train/{{dataset}}/{{method}}/seed{{seed}}.tsv"
+    conda:
+        "../envs/carlrar.yaml"
     threads: 4
     resources:
         gpu=1,
+        gpu_slots=1,
+        mem_mb=32000,
+        runtime=720,  # minutes; a paper-size ALBERT-base run takes a few hours on one GPU
     shell:
-        "OMP_NUM_THREADS={threads} carlrar train --config {params.config:q} --dataset {wildcards.dataset}"
-        " --method {wildcards.method} --seed {wildcards.seed} --data {params.data:q} --out {params.out:q}"
-        " --restart-if-changed {params.rar_warmup} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} CARLRAR_GPU_SLOTS={resources.gpu_slots} carlrar train"
+        " --config {params.config:q} --dataset {wildcards.dataset} --method {wildcards.method}"
+        " --seed {wildcards.seed} --data {params.data:q} --out {params.out:q} --restart-if-changed"
+        " {params.rar_warmup} > {log:q} 2>&1"
