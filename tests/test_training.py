@@ -1,11 +1,9 @@
-"""The training loop: it learns, it resumes exactly, it records what it did, and it picks GPUs safely."""
+"""The training loop: it learns, it resumes exactly and it records what it did (GPU choice: test_devices.py)."""
 
 from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +15,6 @@ from tiny import tiny_config
 from carlrar import training
 from carlrar.config import from_mapping
 from carlrar.data import prepare_dataset
-from carlrar.devices import lease_gpu, visible_gpu_ids
 from carlrar.errors import CarlrarError
 from carlrar.training import carl_schedule, train
 
@@ -221,45 +218,6 @@ def test_missing_data_is_one_clear_error(tmp_path: Path) -> None:
         ]
     )
     assert code == 2
-
-
-# --- GPU leasing, tested without a GPU -------------------------------------------------------------------------
-
-
-def test_each_job_leases_a_different_gpu(tmp_path: Path) -> None:
-    first = lease_gpu(["0", "1"], tmp_path)
-    second = lease_gpu(["0", "1"], tmp_path)
-    assert (first.index, second.index) == (0, 1)
-    with pytest.raises(CarlrarError, match="all visible GPUs"):
-        lease_gpu(["0", "1"], tmp_path, wait_seconds=0)
-    first.release()
-    assert lease_gpu(["0", "1"], tmp_path).physical_id == "0"
-
-
-def test_lease_held_by_another_process_is_skipped(tmp_path: Path) -> None:
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from filelock import FileLock; "
-            f"l = FileLock(r'{tmp_path / 'gpu-3.lock'}'); l.acquire(); print('held', flush=True); time.sleep(30)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        lease = lease_gpu(["3", "5"], tmp_path)
-        assert (lease.index, lease.physical_id) == (1, "5")
-    finally:
-        holder.kill()
-
-
-def test_visible_devices_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
-    assert visible_gpu_ids(2) == ["2", "5"]
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert visible_gpu_ids(3) == ["0", "1", "2"]
 
 
 # --- run identity: a checkpoint is resumed only by the run that wrote it ------------------------------------------

@@ -11,6 +11,13 @@ from pathlib import Path
 from carlrar.config import DATASET_NAMES, METHODS, bound_problem
 from carlrar.errors import CarlrarError
 
+# One help text for every --device option. The variables are those of carlrar.devices, written out here because
+# importing that module would load torch for every command, even --help.
+DEVICE_HELP = (
+    "auto (a free GPU slot, else the CPU), cpu, cuda or cuda:N; CARLRAR_GPU_SLOTS=N lets N runs share a GPU "
+    "(default 1), CARLRAR_GPU_LEASE=off|on skips|forces the GPU lock (auto: skipped in a SLURM job with one GPU)"
+)
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2) like every other carlrar error."""
@@ -169,7 +176,7 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
             default=64,
             help="examples per attacked batch (default: 64)",
         )
-        sub.add_argument("--device", default="auto", help="auto (a free GPU, else CPU), cpu, cuda or cuda:N")
+        sub.add_argument("--device", default="auto", help=DEVICE_HELP)
         sub.add_argument(
             "--seed", type=config_number("analysis.seed", int), default=0, help="seed of the random starts (default: 0)"
         )
@@ -349,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Fine-tune the config's model on DATA (a 'carlrar prepare' folder) with METHOD and write OUT/metrics.json, "
             "OUT/best/ (weights with the best dev accuracy, config and tokenizer) and OUT/checkpoint/ "
             "(resumable state). "
-            "On CUDA it leases a free visible GPU (lock files in $CARLRAR_GPU_LOCK_DIR) and uses bf16 autocast."
+            "On CUDA it leases a GPU slot (lock files in $CARLRAR_GPU_LOCK_DIR; $CARLRAR_GPU_SLOTS runs per GPU) "
+            "and uses bf16 autocast."
         ),
     )
     train.add_argument("--config", required=True, type=Path, help="YAML config (e.g. config/config.yaml)")
@@ -370,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
     train.add_argument("--out", required=True, type=Path, help="run folder")
-    train.add_argument("--device", default="auto", help="auto (a free GPU, else CPU), cpu, cuda or cuda:N")
+    train.add_argument("--device", default="auto", help=DEVICE_HELP)
     train.add_argument(
         "--rar-warmup",
         type=Path,
@@ -415,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     warmup.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     warmup.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
     warmup.add_argument("--out", required=True, type=Path, help="output folder (replaced atomically)")
-    warmup.add_argument("--device", default="auto", help="auto (a free GPU, else CPU), cpu, cuda or cuda:N")
+    warmup.add_argument("--device", default="auto", help=DEVICE_HELP)
     warmup.set_defaults(run=_cmd_rar_warmup)
 
     table2 = commands.add_parser(
