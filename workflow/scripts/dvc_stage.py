@@ -1,7 +1,7 @@
 """The commands of the DVC pipeline (dvc.yaml): run Snakemake for the run params.yaml names, summarise its tables.
 
-DVC versions the data, checkpoints, tables and metrics; Snakemake decides which jobs are out of date and runs
-them in parallel. Each DVC stage therefore calls Snakemake for the whole run and lets it do only what is needed.
+DVC versions the data, trained weights, tables and metrics; Snakemake decides which jobs are out of date and
+runs them in parallel. Each DVC stage therefore calls Snakemake for the whole run and lets it do only what is needed.
 
     python workflow/scripts/dvc_stage.py snakemake [SNAKEMAKE ARGS...]   # e.g. --until prepare
     python workflow/scripts/dvc_stage.py summary
