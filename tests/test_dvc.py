@@ -6,11 +6,14 @@ git + DVC repository (a copy of the workflow), then checks metrics, plots and th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGE_HELPER = ROOT / "workflow" / "scripts" / "dvc_stage.py"
+RAW_PLACEHOLDER = Path("data/raw/README.md")
 
 
 def env() -> dict[str, str]:
@@ -27,9 +31,13 @@ def env() -> dict[str, str]:
     return result
 
 
-def run(*command: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+def run(*command: str, cwd: Path, timeout: int = 120, path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``path``: a folder searched first for executables (a stand-in snakemake)."""
+    environ = env()
+    if path is not None:
+        environ["PATH"] = f"{path}{os.pathsep}{environ['PATH']}"
     return subprocess.run(
-        list(command), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout, check=False
+        list(command), cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -51,6 +59,8 @@ def make_repo(dest: Path, params: dict) -> Path:
     for name in ("Snakefile", "workflow", "config", "profiles", "dvc.yaml", ".dvcignore", ".gitignore"):
         source = ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest / name)
+    (dest / RAW_PLACEHOLDER).parent.mkdir(parents=True)  # what a fresh clone has of data/raw: the README only
+    shutil.copy2(ROOT / RAW_PLACEHOLDER, dest / RAW_PLACEHOLDER)
     # the stages depend on the package's sources (the workflow runs the installed package, with the same code)
     shutil.copytree(
         ROOT / "src" / "carlrar", dest / "src" / "carlrar", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -69,6 +79,14 @@ def make_repo(dest: Path, params: dict) -> Path:
     commit = run("git", "commit", "-q", "-m", "workflow", cwd=dest)
     assert commit.returncode == 0, commit.stderr
     return dest
+
+
+def cache_files(repo: Path) -> list[Path]:
+    return [p for p in (repo / ".dvc/cache/files/md5").rglob("*") if p.is_file() and p.suffix != ".dir"]
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def project_params() -> dict:
@@ -113,14 +131,100 @@ def test_dvc_resolves_the_stages_with_the_project_params(tmp_path: Path) -> None
     assert "results/paper/summary.json" in result.stdout  # the run name is filled in from params.yaml
 
 
+def stage_folder(folder: Path, config: str = "config/smoke.yaml", raw_dir: str = "data/raw") -> Path:
+    """What the stage helper runs in: the configs, a params.yaml for ``config`` and a fresh clone's data/raw."""
+    shutil.copytree(ROOT / "config", folder / "config")
+    (folder / RAW_PLACEHOLDER).parent.mkdir(parents=True)
+    shutil.copy2(ROOT / RAW_PLACEHOLDER, folder / RAW_PLACEHOLDER)
+    params = project_params()
+    name = yaml.safe_load((folder / config).read_text(encoding="utf-8"))["run_name"]
+    params["run"].update({"config": config, "name": name, "raw_dir": raw_dir})
+    params["machine"].update({"profile": "profiles/quick", "args": ""})
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    return folder
+
+
+def fake_snakemake(folder: Path) -> Path:
+    """A folder holding a `snakemake` that only prints its arguments: the helper's command line, no workflow."""
+    folder.mkdir(exist_ok=True)
+    exe = folder / "snakemake"
+    exe.write_text('#!/bin/sh\necho "snakemake called: $*"\n')
+    exe.chmod(0o755)
+    return folder
+
+
+def add_raw_files(raw_dir: Path, *names: str) -> None:
+    for name in names:  # the helper checks that the files exist; their content is the prepare step's business
+        (raw_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (raw_dir / name).write_text("")
+
+
+def stage_helper(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(sys.executable, str(STAGE_HELPER), *args, cwd=folder, path=fake_snakemake(folder / "bin"))
+
+
 def test_stage_helper_refuses_a_run_name_that_differs_from_the_config(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "config", tmp_path / "config")
     params = project_params()
     params["run"].update({"config": "config/smoke.yaml", "name": "paper"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = run(sys.executable, str(STAGE_HELPER), "snakemake", "-n", cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "run.name is 'paper' but config/smoke.yaml has run_name 'smoke'" in result.stderr
+
+
+def test_stage_helper_says_where_the_raw_data_goes_before_snakemake_runs(tmp_path: Path) -> None:
+    """A fresh clone's data/raw holds only its README: one line naming the files, the folder and run.raw_dir."""
+    result = stage_helper(stage_folder(tmp_path), "snakemake", "--until", "prepare")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("dvc_stage.py: error: params.yaml: run.raw_dir 'data/raw' lacks ")
+    assert "lacks sst2/train.tsv, sst2/dev.tsv (the datasets" in line  # no test file: smoke samples no test rows
+    assert "(the datasets of config/smoke.yaml)" in line
+    assert "data/raw/<dataset>/" in line and 'README "Data"' in line
+    assert "dvc exp run -S run.raw_dir=/path/to/raw (or edit run.raw_dir in params.yaml)" in line
+    assert "snakemake called" not in result.stdout
+
+
+def test_stage_helper_names_alternative_files_and_only_the_splits_sampled(tmp_path: Path) -> None:
+    """config/quick.yaml reads AG's News train from train.csv or train_partial.csv; SST-2 test is never read."""
+    folder = stage_folder(tmp_path, config="config/quick.yaml")
+    add_raw_files(folder / "data/raw", "sst2/train.tsv", "sst2/dev.tsv")
+    result = stage_helper(folder, "snakemake")
+    assert result.returncode == 2
+    assert "lacks ag_news/train.csv or ag_news/train_partial.csv, ag_news/test.csv (the datasets" in result.stderr
+    add_raw_files(folder / "data/raw", "ag_news/train_partial.csv", "ag_news/test.csv")
+    assert stage_helper(folder, "snakemake").returncode == 0
+
+
+def test_stage_helper_refuses_a_raw_dir_that_is_no_folder(tmp_path: Path) -> None:
+    result = stage_helper(stage_folder(tmp_path, raw_dir="elsewhere/raw"), "snakemake")
+    assert result.returncode == 2
+    assert "run.raw_dir 'elsewhere/raw' is not a folder; point it at the raw data: dvc exp run -S" in result.stderr
+
+
+def test_stage_helper_runs_exactly_the_named_config(tmp_path: Path) -> None:
+    """--replace-workflow-config: the run is the named file alone, never merged into config/config.yaml."""
+    folder = stage_folder(tmp_path)
+    add_raw_files(folder / "data/raw", "sst2/train.tsv", "sst2/dev.tsv")
+    result = stage_helper(folder, "snakemake", "-n")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "snakemake called: --profile profiles/quick --configfile config/smoke.yaml --replace-workflow-config"
+        " --config raw_dir=data/raw -n"
+    ) in result.stdout
+
+
+def test_fresh_clone_repro_says_where_the_raw_data_goes(tmp_path: Path) -> None:
+    """The README's steps in a fresh clone: DVC finds data/raw (its README), and the helper says what goes there."""
+    repo = make_repo(tmp_path / "repo", project_params())
+    result = dvc("repro", cwd=repo, timeout=300)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "No such file or directory" not in output
+    assert "run.raw_dir 'data/raw' lacks sst2/train.tsv, sst2/dev.tsv, yahoo_answers/train.csv" in output
+    assert "(the datasets of config/config.yaml)" in output
 
 
 def test_stage_helper_summarises_every_table(tmp_path: Path) -> None:
@@ -149,6 +253,60 @@ def test_stage_helper_summarises_every_table(tmp_path: Path) -> None:
     assert "table6_samples" not in summary  # free text is no metric
 
 
+def test_git_keeps_the_raw_data_placeholder_only(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", project_params())
+    assert run("git", "ls-files", "--error-unmatch", str(RAW_PLACEHOLDER), cwd=repo).returncode == 0
+    assert run("git", "check-ignore", "-q", "data/raw/sst2/train.tsv", cwd=repo).returncode == 0
+    assert project_params()["run"]["raw_dir"] == str(RAW_PLACEHOLDER.parent)
+
+
+def test_dvcignore_leaves_checkpoints_out_and_results_in(tmp_path: Path) -> None:
+    """checkpoint/ is resume state: not hashed, cached nor pushed. best/, metrics and predictions are results."""
+    repo = make_repo(tmp_path / "repo", project_params())
+    run_dir = "results/paper/runs/sst2/carl/seed1"
+    ignored = [
+        f"{run_dir}/checkpoint/state.safetensors",
+        f"{run_dir}/checkpoint/state.json",
+        f"{run_dir}/.checkpoint.abcd1234.tmp/state.json",  # a checkpoint swap (carlrar.storage)
+        str(RAW_PLACEHOLDER),
+    ]
+    kept = [
+        f"{run_dir}/best/weights.safetensors",
+        f"{run_dir}/metrics.json",
+        f"{run_dir}/eval_predictions.parquet",
+        "results/paper/rar_warmup/sst2/reconstructor.safetensors",
+        "data/raw/sst2/train.tsv",
+        "data/processed/paper/sst2/train.parquet",
+    ]
+    for path in ignored + kept:
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text("x")
+    result = dvc("check-ignore", *ignored, *kept, cwd=repo)
+    assert sorted(result.stdout.split()) == sorted(ignored), result.stdout + result.stderr
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def dvc_readme_section() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.split("### Versioning with DVC", 1)[1].split("\n## ", 1)[0]
+
+
+def test_every_remote_the_readme_shows_has_an_extra() -> None:
+    """`dvc remote add ... s3://` fails without dvc-s3: each URL scheme shown is an extra, installed as shown."""
+    extras = pyproject()["project"]["optional-dependencies"]
+    section = dvc_readme_section()
+    schemes = set(re.findall(r"\b([a-z0-9]+)://", section)) - {"http", "https"}
+    assert {"s3", "ssh"} <= schemes, schemes
+    for scheme in schemes:
+        assert any(req.startswith(f"dvc[{scheme}]") for req in extras[scheme]), extras.get(scheme)
+        assert "carlrar[workflow]" in extras[scheme]  # the extra alone gives DVC and Snakemake
+        assert f".[{scheme}]" in section, scheme  # and the README says which to install
+    assert 'pip install -e ".[s3]"' in section
+
+
 # --- dvc repro on the smoke config ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_dvc_repro_builds_the_smoke_tables_then_is_up_to_date(tmp_path: Path, raw_dir: Path) -> None:
@@ -172,8 +330,17 @@ def test_dvc_repro_builds_the_smoke_tables_then_is_up_to_date(tmp_path: Path, ra
     assert {"results/smoke/runs", "results/smoke/tables", "results/smoke/figures"} <= {
         o["path"] for o in lock["workflow"]["outs"]
     }
-    # checkpoints and prepared data are in the DVC cache (pushable); tables are small and go to git
+    # prepared data, best weights and metrics are in the DVC cache (pushable); tables are small and go to git
     assert (repo / ".dvc" / "cache").is_dir()
+    # Checkpoints (resume state) stay in the workspace only: not one of their files is in the cache, and the
+    # runs folder's entry counts exactly the other files.
+    checkpoint_files = sorted(results.glob("runs/*/*/seed*/checkpoint/*"))
+    assert len(checkpoint_files) >= 4 * 2, checkpoint_files  # state.json + state.safetensors per run
+    cached = {p.relative_to(repo / ".dvc/cache/files/md5").as_posix().replace("/", "") for p in cache_files(repo)}
+    assert not {md5_of(p) for p in checkpoint_files} & cached
+    run_files = [p for p in (results / "runs").rglob("*") if p.is_file() and "checkpoint" not in p.parts]
+    assert {o["path"]: o["nfiles"] for o in lock["workflow"]["outs"]}["results/smoke/runs"] == len(run_files)
+    assert {md5_of(p) for p in run_files} <= cached
     for path in ("data/processed/smoke", "results/smoke/runs", "results/smoke/figures"):
         assert run("git", "check-ignore", "-q", path, cwd=repo).returncode == 0, path
     assert run("git", "check-ignore", "-q", "results/smoke/tables/table2_accuracy.csv", cwd=repo).returncode == 1
@@ -210,20 +377,15 @@ def test_dvc_repro_builds_the_smoke_tables_then_is_up_to_date(tmp_path: Path, ra
     pull = dvc("pull", cwd=clone, timeout=300)
     assert pull.returncode == 0, pull.stderr
     assert (clone / "results/smoke/runs/sst2/base/seed1/metrics.json").is_file()
+    assert (clone / "results/smoke/runs/sst2/base/seed1/best/weights.safetensors").is_file()
+    assert not list(clone.glob("results/smoke/runs/*/*/seed*/checkpoint"))  # never pushed: resume state
     assert (clone / "results/smoke/tables/table2_accuracy.csv").read_text() == (
         results / "tables/table2_accuracy.csv"
     ).read_text()
-    args = (
-        "--profile",
-        "profiles/quick",
-        "--configfile",
-        "config/smoke.yaml",
-        "--replace-workflow-config",
-        "--config",
-        f"raw_dir={raw_dir}",
-    )
-    touch = snakemake("--touch", *args, cwd=clone)
+    # the README's way: the helper gives Snakemake the same profile, config and raw_dir as DVC's stages
+    touch = run(sys.executable, "workflow/scripts/dvc_stage.py", "snakemake", "--touch", cwd=clone, timeout=300)
     assert touch.returncode == 0, touch.stderr[-3000:]
-    plan = snakemake("-n", *args, cwd=clone)
+    args = ("--profile", "profiles/quick", "--configfile", "config/smoke.yaml", "--replace-workflow-config")
+    plan = snakemake("-n", *args, "--config", f"raw_dir={raw_dir}", cwd=clone)
     assert plan.returncode == 0 and "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout[-3000:]
     assert "Data and pipelines are up to date" in dvc("status", cwd=clone).stdout

@@ -255,14 +255,53 @@ def read_hub(spec: DatasetSpec, split: str) -> RawSplit:
     )
 
 
+def source_names(spec: DatasetSpec, ds: DatasetConfig, split: str) -> list[str]:
+    """The names tried in ``<raw_dir>/<dataset>/`` for a source split, in order: the config's files, else official."""
+    configured = ds.files.get(split)
+    return [configured] if isinstance(configured, str) else list(configured or [spec.official_files[split]])
+
+
+def source_plan(ds: DatasetConfig) -> dict[str, dict[str, Size]]:
+    """Source split -> the output splits sampled from it and their sizes per class.
+
+    Train always; its dev block first when dev comes from train, so that an "all" train takes the rest. GLUE's
+    dev file only when dev is the official one, and the test file only when test rows are asked for: a dataset
+    needs no file it samples nothing from.
+    """
+    train_sizes: dict[str, Size] = {"dev": ds.per_class["dev"]} if ds.dev_source == "train" else {}
+    plan: dict[str, dict[str, Size]] = {"train": {**train_sizes, "train": ds.per_class["train"]}}
+    if ds.dev_source == "official":
+        plan["dev"] = {"dev": ds.per_class["dev"]}
+    if ds.per_class["test"] != 0:
+        plan["test"] = {"test": ds.per_class["test"]}
+    return plan
+
+
+def missing_local_files(config: Config, raw_dir: str | Path) -> list[str]:
+    """``<dataset>/<file>`` for every source split of the config's datasets that has no file in ``raw_dir``.
+
+    Alternatives the config lists are joined with " or ". Empty when every split can be read locally, i.e.
+    preparing the data needs no hub download (what a pipeline that hashes ``raw_dir`` as its input relies on).
+    """
+    missing = []
+    for name, ds in config.datasets.items():
+        spec = DATASETS.get(name)
+        if spec is None:  # an unknown name is the config check's to report
+            continue
+        for split in source_plan(ds):
+            names = source_names(spec, ds, split)
+            if not any((Path(raw_dir) / name / file).is_file() for file in names):
+                missing.append(" or ".join(f"{name}/{file}" for file in names))
+    return missing
+
+
 def load_source(raw_dir: Path, spec: DatasetSpec, ds: DatasetConfig, split: str) -> RawSplit:
     """The first local file that exists, then the hub; offline with neither, one error saying what to put where.
 
     The config's ``files`` may name one file or a list tried in order (e.g. the official ``train.csv``, then a
     partial copy). Without the official name among them, no hub download is attempted.
     """
-    configured = ds.files.get(split)
-    names = [configured] if isinstance(configured, str) else list(configured or [spec.official_files[split]])
+    names = source_names(spec, ds, split)
     paths = [raw_dir / spec.name / name for name in names]
     for path in paths:
         if path.is_file():
@@ -354,17 +393,9 @@ def prepare_dataset(config: Config, name: str, raw_dir: str | Path, out_dir: str
     # Before reading anything: an --out that is a file or a folder of other files is refused, never moved.
     check_output_dir(out_dir, replaces="manifest.json")
     raw_dir = Path(raw_dir)
-    train_sizes: dict[str, Size] = {"dev": ds.per_class["dev"]} if ds.dev_source == "train" else {}
-    train_sizes = {**train_sizes, "train": ds.per_class["train"]}  # dev first: "all" train takes the rest
-    plan: list[tuple[str, dict[str, Size]]] = [("train", train_sizes)]
-    if ds.dev_source == "official":
-        plan.append(("dev", {"dev": ds.per_class["dev"]}))
-    if ds.per_class["test"] != 0:
-        plan.append(("test", {"test": ds.per_class["test"]}))
-
     splits: dict[str, tuple[list[str], list[int], list[int]]] = {s: ([], [], []) for s in SPLITS}
     sources: dict[str, dict[str, Any]] = {}
-    for origin, sizes in plan:
+    for origin, sizes in source_plan(ds).items():
         raw = load_source(raw_dir, spec, ds, origin)
         sources[origin] = raw.source
         for split, positions in stratified_sample(raw, spec, sizes, config.data.seed, origin).items():

@@ -1,7 +1,7 @@
 """The commands of the DVC pipeline (dvc.yaml): run Snakemake for the run params.yaml names, summarise its tables.
 
-DVC versions the data, checkpoints, tables and metrics; Snakemake decides which jobs are out of date and runs
-them in parallel. Each DVC stage therefore calls Snakemake for the whole run and lets it do only what is needed.
+DVC versions the data, trained weights, tables and metrics; Snakemake decides which jobs are out of date and
+runs them in parallel. Each DVC stage therefore calls Snakemake for the whole run and lets it do only what is needed.
 
     python workflow/scripts/dvc_stage.py snakemake [SNAKEMAKE ARGS...]   # e.g. --until prepare
     python workflow/scripts/dvc_stage.py summary
@@ -10,6 +10,8 @@ params.yaml has two sections. ``run`` (config file, run name, raw data folder) s
 declares it as a parameter, so a change reruns the stages. ``machine`` (Snakemake profile, extra arguments) says
 *how*: it is read here and not declared, so moving from a workstation to SLURM does not make DVC rerun anything.
 ``SNAKEMAKE_PROFILE=profiles/slurm dvc repro`` overrides ``machine.profile`` for one call.
+
+Errors are one line on stderr and exit code 2, as with ``carlrar``.
 """
 
 from __future__ import annotations
@@ -22,10 +24,21 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import yaml
 
+if TYPE_CHECKING:
+    from carlrar.config import Config
+
 PARAMS = Path("params.yaml")
+POINT_ELSEWHERE = "dvc exp run -S run.raw_dir=/path/to/raw (or edit run.raw_dir in params.yaml)"
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr and exit code 2: the message names the problem and the way out, no traceback."""
+    print(f"dvc_stage.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def load_params() -> tuple[dict, dict]:
@@ -33,27 +46,62 @@ def load_params() -> tuple[dict, dict]:
     run = params.get("run") or {}
     missing = [key for key in ("config", "name", "raw_dir") if not run.get(key)]
     if missing:
-        sys.exit(f"{PARAMS}: run.{missing[0]} is not set")
+        fail(f"{PARAMS}: run.{missing[0]} is not set")
     return run, params.get("machine") or {}
 
 
-def check_run_name(run: dict) -> None:
+def load_run_config(run: dict) -> Config:
+    """The run's workflow config, validated as the workflow will: a broken file fails here, in one line."""
+    from carlrar.config import load_config  # the package: not needed (nor imported) by the summary stage
+    from carlrar.errors import CarlrarError
+
+    try:
+        return load_config(run["config"])
+    except CarlrarError as exc:
+        fail(f"{PARAMS}: run.config: {exc}")
+
+
+def check_run_name(run: dict, config: Config) -> None:
     """dvc.yaml names its outputs after run.name; the workflow after the config's run_name: they must agree."""
-    config = yaml.safe_load(Path(run["config"]).read_text(encoding="utf-8")) or {}
-    if config.get("run_name") != run["name"]:
-        sys.exit(
-            f"{PARAMS}: run.name is {run['name']!r} but {run['config']} has run_name {config.get('run_name')!r}; "
+    if config.run_name != run["name"]:
+        fail(
+            f"{PARAMS}: run.name is {run['name']!r} but {run['config']} has run_name {config.run_name!r}; "
             "set run.name to the config's run_name"
+        )
+
+
+def check_raw_data(run: dict, config: Config) -> None:
+    """Every file the run's config samples from must be in run.raw_dir before Snakemake starts.
+
+    DVC hashes run.raw_dir as the prepare stage's dependency: data the workflow would download from the hub
+    instead is not versioned, and offline the failure would only show in a job log. A fresh clone holds just
+    data/raw/README.md there, so this is where a first `dvc repro` says what to put where.
+    """
+    from carlrar.data import missing_local_files  # the package's own rule for which files a dataset reads
+
+    raw_dir = Path(run["raw_dir"])
+    if not raw_dir.is_dir():
+        fail(f"{PARAMS}: run.raw_dir {str(raw_dir)!r} is not a folder; point it at the raw data: {POINT_ELSEWHERE}")
+    missing = missing_local_files(config, raw_dir)
+    if missing:
+        fail(
+            f"{PARAMS}: run.raw_dir {str(raw_dir)!r} lacks {', '.join(missing)} (the datasets of {run['config']}); "
+            f'put each dataset\'s official files in {raw_dir}/<dataset>/ (README "Data"), '
+            f"or point run.raw_dir at the folder holding them: {POINT_ELSEWHERE}"
         )
 
 
 def run_snakemake(extra: list[str]) -> int:
     run, machine = load_params()
-    check_run_name(run)
+    config = load_run_config(run)
+    check_run_name(run, config)
+    check_raw_data(run, config)
     command = ["snakemake"]
     if machine.get("profile") and not os.environ.get("SNAKEMAKE_PROFILE"):
         command += ["--profile", str(machine["profile"])]
-    command += ["--configfile", str(run["config"]), "--config", f"raw_dir={run['raw_dir']}"]
+    # --replace-workflow-config: the run is exactly the named file, not that file merged into config/config.yaml
+    command += ["--configfile", str(run["config"]), "--replace-workflow-config"]
+    command += ["--config", f"raw_dir={run['raw_dir']}"]
     command += shlex.split(str(machine.get("args") or ""))
     command += extra
     print("+", shlex.join(command), flush=True)
