@@ -339,7 +339,8 @@ def test_overrides_set_nested_keys_and_are_validated(tmp_path: Path) -> None:
 
 
 def test_dataset_names_agree_across_config_schema_and_loaders() -> None:
-    from carlrar.config import DATASET_NAMES, load_schema
+    from carlrar.config import load_schema
+    from carlrar.registry import DATASET_IDS as DATASET_NAMES
 
     assert set(DATASET_NAMES) == set(DATASETS)
     assert set(load_schema()["properties"]["datasets"]["propertyNames"]["enum"]) == set(DATASET_NAMES)

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from tiny import tiny_config
 
 from carlrar import training
-from carlrar.config import METHODS, from_mapping
+from carlrar.config import from_mapping
+from carlrar.registry import METHOD_IDS as METHODS
 from carlrar.data import prepare_dataset
 from carlrar.storage import read_json
 from carlrar.training import train

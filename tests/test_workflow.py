@@ -387,8 +387,10 @@ def test_workflow_parses_without_the_package_installed(tmp_path: Path, raw_dir: 
     shutil.copytree(
         ROOT / "src" / "carlrar", tmp_path / "src" / "carlrar", ignore=shutil.ignore_patterns("__pycache__")
     )
+    # the package hidden, and the libraries it needs but Snakemake does not: parsing must not import them
     hide_package = (
         "import sys, pathlib; sys.path[:] = [p for p in sys.path if not (pathlib.Path(p) / 'carlrar').is_dir()];"
+        "sys.modules.update(dict.fromkeys(['torch', 'transformers', 'datasets', 'scipy', 'safetensors']));"
         "from snakemake.cli import main; sys.argv[0] = 'snakemake'; main()"
     )
     args = ["-n", "--forceall", "--configfile", "config/smoke.yaml", "--replace-workflow-config"]

@@ -8,8 +8,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from carlrar.config import DATASET_NAMES, METHODS, bound_problem
+from carlrar.config import bound_problem
 from carlrar.errors import CarlrarError
+from carlrar.registry import DATASET_IDS, METHOD_IDS
 
 # One help text for every --device option. The variables are those of carlrar.devices, written out here because
 # importing that module would load torch for every command, even --help.
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set data.seed=7 (repeatable; values are YAML)",
     )
-    prepare.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    prepare.add_argument("--dataset", required=True, choices=DATASET_IDS)
     prepare.add_argument("--raw-dir", type=Path, help="folder of raw datasets (default: the config's raw_dir)")
     prepare.add_argument("--out", required=True, type=Path, help="output folder, e.g. data/processed/sst2")
     prepare.set_defaults(run=_cmd_prepare)
@@ -368,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set datasets.sst2.freelb.adv_lr=0.05 (repeatable)",
     )
-    train.add_argument("--dataset", required=True, choices=DATASET_NAMES)
-    train.add_argument("--method", required=True, choices=METHODS)
+    train.add_argument("--dataset", required=True, choices=DATASET_IDS)
+    train.add_argument("--method", required=True, choices=METHOD_IDS)
     train.add_argument(
         "--seed",
         required=True,
@@ -420,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     warmup.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
     )
-    warmup.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    warmup.add_argument("--dataset", required=True, choices=DATASET_IDS)
     warmup.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
     warmup.add_argument("--out", required=True, type=Path, help="output folder (replaced atomically)")
     warmup.add_argument("--device", default="auto", help=DEVICE_HELP)

@@ -21,8 +21,6 @@ from carlrar.errors import CarlrarError
 
 SplitName = Literal["train", "dev", "test"]
 Size = int | Literal["all"]
-METHODS = ("base", "freelb", "carl", "rar", "carl_rar")
-DATASET_NAMES = ("sst2", "ag_news", "yelp_polarity", "yahoo_answers")  # carlrar.data.DATASETS describes each
 
 
 class ConfigError(CarlrarError):

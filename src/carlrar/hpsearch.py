@@ -20,18 +20,21 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 
 from carlrar.config import ConfigError
 from carlrar.errors import CarlrarError
-from carlrar.reporting import DATASET_NAMES, DATASET_ORDER
+from carlrar.registry import DATASET_IDS, dataset_display
 from carlrar.storage import read_json, write_text
+
+if TYPE_CHECKING:  # the workflow imports the grid while parsing, where pandas may be absent; select() imports it
+    import pandas as pd
 
 PARAMS = ("init_mag", "adv_lr", "adv_max_norm", "adv_steps")
 # Table 8: key -> (lower, upper, the paper's symbol). Both ends are inclusive.
@@ -165,6 +168,8 @@ def _read_trial_run(path: Path) -> dict[str, Any]:
 
 def select(metrics_paths: Sequence[str | Path]) -> pd.DataFrame:
     """Every trial with its mean dev accuracy (%) over seeds and its rank within its dataset (1 = chosen)."""
+    import pandas as pd
+
     if not metrics_paths:
         raise HPSearchError("no metrics files given")
     runs: dict[tuple[str, Trial], dict[int, float]] = {}
@@ -187,7 +192,7 @@ def select(metrics_paths: Sequence[str | Path]) -> pd.DataFrame:
         runs.setdefault((r["dataset"], r["trial"]), {})[r["seed"]] = 100.0 * float(r["dev_accuracy"])
 
     present = {dataset for dataset, _ in runs}
-    datasets = [d for d in DATASET_ORDER if d in present] + sorted(present.difference(DATASET_ORDER))
+    datasets = [d for d in DATASET_IDS if d in present] + sorted(present.difference(DATASET_IDS))
     rows = []
     for dataset in datasets:
         scored = []
@@ -196,7 +201,7 @@ def select(metrics_paths: Sequence[str | Path]) -> pd.DataFrame:
                 continue
             accuracies = [by_seed[s] for s in sorted(by_seed)]  # a fixed order: the same float sum every time
             mean = math.fsum(accuracies) / len(accuracies)
-            std = float(pd.Series(accuracies).std(ddof=1)) if len(accuracies) > 1 else math.nan
+            std = statistics.stdev(accuracies) if len(accuracies) > 1 else math.nan
             scored.append((trial, len(accuracies), mean, std))
         # round(): equal accuracies must tie exactly, whatever the float noise of the mean
         scored.sort(key=lambda item: (-round(item[2], 9), *item[0].tie_break()))
@@ -261,7 +266,7 @@ def write_selection(metrics_paths: Sequence[str | Path], out_dir: str | Path) ->
 
     csv = frame.to_csv(index=False, float_format="%.4f", lineterminator="\n")
     shown = frame.assign(
-        dataset=[DATASET_NAMES.get(d, d) for d in frame["dataset"]],
+        dataset=[dataset_display(d) for d in frame["dataset"]],
         dev_accuracy=[f"{v:.2f}" for v in frame["dev_accuracy"]],
         dev_accuracy_std=["" if math.isnan(v) else f"{v:.2f}" for v in frame["dev_accuracy_std"]],
         chosen=["yes" if c else "" for c in frame["chosen"]],

@@ -26,14 +26,10 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from carlrar.config import METHODS
 from carlrar.errors import CarlrarError
+from carlrar.registry import DATASET_IDS, METHOD_IDS, dataset_display, method_display
 from carlrar.storage import read_json, write_text
 
-DATASET_ORDER = ("sst2", "yahoo_answers", "yelp_polarity", "ag_news")
-DATASET_NAMES = {"sst2": "SST-2", "yahoo_answers": "Yahoo! Answers", "yelp_polarity": "Yelp-P", "ag_news": "AG's News"}
-METHOD_ORDER = METHODS
-METHOD_NAMES = {"base": "Base (fine-tuning)", "freelb": "FreeLB", "carl": "CARL", "rar": "RAR", "carl_rar": "CARL+RAR"}
 REFERENCE_METHOD = "freelb"
 TABLE2_COLUMNS = ["dataset", "method", "seeds", "mean", "std", "delta_vs_freelb", "ci95_low", "ci95_high"]
 TABLE2_REQUIRED_KEYS = ("dataset", "method", "seed", "evaluated_split", "eval_accuracy")
@@ -113,10 +109,10 @@ def table2_frame(metrics_paths: list[Path]) -> tuple[pd.DataFrame, dict[str, str
 
     runs = pd.DataFrame.from_records(records)
     rows = []
-    for dataset in _order(runs["dataset"].tolist(), DATASET_ORDER):
+    for dataset in _order(runs["dataset"].tolist(), DATASET_IDS):
         on_dataset = runs[runs["dataset"] == dataset]
         stats = {}
-        for method in _order(on_dataset["method"].tolist(), METHOD_ORDER):
+        for method in _order(on_dataset["method"].tolist(), METHOD_IDS):
             acc = on_dataset.loc[on_dataset["method"] == method, "accuracy"].astype(float)
             std = float(acc.std(ddof=1)) if len(acc) > 1 else math.nan
             low, high = t_interval(float(acc.mean()), std, len(acc))  # from the unrounded mean and std
@@ -157,18 +153,18 @@ CI_NOTE = (
 def _pivot(frame: pd.DataFrame, pm: str) -> tuple[pd.DataFrame, int]:
     typical = int(frame["seeds"].mode().max())
     cells = frame.assign(cell=[_cell(row, pm, typical) for _, row in frame.iterrows()])
-    datasets = _order(frame["dataset"].tolist(), DATASET_ORDER)
-    methods = _order(frame["method"].tolist(), METHOD_ORDER)
+    datasets = _order(frame["dataset"].tolist(), DATASET_IDS)
+    methods = _order(frame["method"].tolist(), METHOD_IDS)
     wide = cells.pivot(index="method", columns="dataset", values="cell").reindex(index=methods, columns=datasets)
     wide = wide.fillna("")
-    wide.index = [METHOD_NAMES.get(m, m) for m in methods]
+    wide.index = [method_display(m) for m in methods]
     wide.index.name = "Method"
-    wide.columns = [DATASET_NAMES.get(d, d) for d in datasets]
+    wide.columns = [dataset_display(d) for d in datasets]
     return wide, typical
 
 
 def _note(splits: dict[str, str], typical_seeds: int, uniform: bool) -> str:
-    evaluated = ", ".join(f"{DATASET_NAMES.get(d, d)} {s}" for d, s in splits.items())
+    evaluated = ", ".join(f"{dataset_display(d)} {s}" for d, s in splits.items())
     return (
         f"Accuracy (%) on the evaluated split ({evaluated}): mean ± sample standard deviation over "
         f"{typical_seeds} seed{'s' if typical_seeds != 1 else ''}{'' if uniform else ' (other counts marked [n=k])'}. "
@@ -196,8 +192,8 @@ def _reconstruction_section(metrics_paths: list[Path]) -> str:
         )
     )
     frame = frame.reset_index()
-    frame["dataset"] = frame["dataset"].map(lambda d: DATASET_NAMES.get(d, d))
-    frame["method"] = frame["method"].map(lambda m: METHOD_NAMES.get(m, m))
+    frame["dataset"] = frame["dataset"].map(dataset_display)
+    frame["method"] = frame["method"].map(method_display)
     for column in ("before", "after", "end"):
         frame[column] = frame[column].map(lambda v: f"{100 * v:.1f}")
     frame.columns = ["Dataset", "Method", "Seeds", "Before warm-up", "After warm-up", "End of training"]
@@ -215,7 +211,7 @@ def write_table2(metrics_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
     ``93.77 ± 0.12 [93.47, 94.07] (+0.54)`` (mean ± std [95 % t-interval of the mean over seeds] (vs FreeLB)).
     """
     frame, splits = table2_frame(list(metrics_paths))
-    ordered_splits = {d: splits[d] for d in _order(list(splits), DATASET_ORDER)}
+    ordered_splits = {d: splits[d] for d in _order(list(splits), DATASET_IDS)}
     out_prefix = Path(out_prefix)
 
     wide_md, typical = _pivot(frame, "±")
@@ -267,18 +263,18 @@ def write_table7(metrics_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
             "params": counts[(d, m)],
             "extra_vs_base": counts[(d, m)] - counts[(d, "base")] if (d, "base") in counts else None,
         }
-        for d in _order([d for d, _ in counts], DATASET_ORDER)
-        for m in _order([m for dd, m in counts if dd == d], METHOD_ORDER)
+        for d in _order([d for d, _ in counts], DATASET_IDS)
+        for m in _order([m for dd, m in counts if dd == d], METHOD_IDS)
     ]
     frame = pd.DataFrame(rows).astype({"params": "int64", "extra_vs_base": "Int64"})
     wide = frame.pivot(index="method", columns="dataset", values="params")
     wide = wide.reindex(
-        index=_order(frame["method"].tolist(), METHOD_ORDER), columns=_order(frame["dataset"].tolist(), DATASET_ORDER)
+        index=_order(frame["method"].tolist(), METHOD_IDS), columns=_order(frame["dataset"].tolist(), DATASET_IDS)
     )
     wide = wide.map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
-    wide.index = [METHOD_NAMES.get(m, m) for m in wide.index]
+    wide.index = [method_display(m) for m in wide.index]
     wide.index.name = "Method"
-    wide.columns = [DATASET_NAMES.get(d, d) for d in wide.columns]
+    wide.columns = [dataset_display(d) for d in wide.columns]
     note = "Trainable parameters of the trained models (tied weights counted once)."
     out_prefix = Path(out_prefix)
     write_text(out_prefix.with_name(f"{out_prefix.name}.csv"), frame.to_csv(index=False, lineterminator="\n"))
@@ -338,8 +334,8 @@ def _over_seeds(frame: pd.DataFrame, values: list[str], digits: int) -> pd.DataF
         stats[f"{value}_ci95_low"] = [round(low, digits) for low, _ in bounds]
         stats[f"{value}_ci95_high"] = [round(high, digits) for _, high in bounds]
     stats = stats.reset_index()
-    stats["dataset_rank"] = stats["dataset"].map({d: i for i, d in enumerate(DATASET_ORDER)}).fillna(len(DATASET_ORDER))
-    stats["method_rank"] = stats["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
+    stats["dataset_rank"] = stats["dataset"].map({d: i for i, d in enumerate(DATASET_IDS)}).fillna(len(DATASET_IDS))
+    stats["method_rank"] = stats["method"].map({m: i for i, m in enumerate(METHOD_IDS)}).fillna(len(METHOD_IDS))
     stats = stats.sort_values(["dataset_rank", "method_rank", "dataset", "method", "epsilon"])
     return stats.drop(columns=["dataset_rank", "method_rank"]).reset_index(drop=True)
 
@@ -359,8 +355,8 @@ def _per_dataset_tables(stats: pd.DataFrame, value: str, digits: int, pm: str) -
         columns = [part[f"{value}_{stat}"] for stat in ("mean", "std", "ci95_low", "ci95_high")]
         cells = part.assign(cell=[_mean_std(m, s, digits, pm, lo, hi) for m, s, lo, hi in zip(*columns)])
         wide = cells.pivot(index="method", columns="epsilon", values="cell")
-        wide = wide.reindex(index=_order(part["method"].tolist(), METHOD_ORDER)).fillna("")
-        wide.index = [METHOD_NAMES.get(m, m) for m in wide.index]
+        wide = wide.reindex(index=_order(part["method"].tolist(), METHOD_IDS)).fillna("")
+        wide.index = [method_display(m) for m in wide.index]
         wide.index.name = "Method"
         wide.columns = [f"ε={eps:g}" for eps in wide.columns]
         tables[dataset] = wide
@@ -376,7 +372,7 @@ def _write_sectioned(
         md_tables = _per_dataset_tables(stats, value, digits, "±")
         tex_tables = _per_dataset_tables(stats, value, digits, r"$\pm$")
         for dataset, table in md_tables.items():
-            name = DATASET_NAMES.get(dataset, dataset)
+            name = dataset_display(dataset)
             markdown.append(f"### {name}: {title}\n\n{table.to_markdown()}\n")
             tex = tex_tables[dataset]
             tex.index.name = None
@@ -461,7 +457,7 @@ def write_table6(sample_paths: list[Path], out_prefix: Path, examples_per_run: i
         for e in chosen:
             examples.append(
                 {
-                    "method": METHOD_NAMES.get(report["method"], report["method"]),
+                    "method": method_display(report["method"]),
                     "seed": report["seed"],
                     "original": e["original"],
                     "base on original": name(e["base_pred_original"]),
@@ -473,8 +469,8 @@ def write_table6(sample_paths: list[Path], out_prefix: Path, examples_per_run: i
         raise ReportError("no samples reports given for Table 6")
     counts = pd.DataFrame(rows).sort_values(["dataset", "method", "seed"]).reset_index(drop=True)
     counts_md = counts.assign(
-        method=counts["method"].map(lambda m: METHOD_NAMES.get(m, m)),
-        dataset=counts["dataset"].map(lambda d: DATASET_NAMES.get(d, d)),
+        method=counts["method"].map(method_display),
+        dataset=counts["dataset"].map(dataset_display),
     )
     markdown = (
         "Decoded sentences that differ from the original (`changed`) and, of those, the ones the base model of "
@@ -672,9 +668,9 @@ def _comparisons(outcomes: _Outcomes) -> list[dict[str, Any]]:
 def _sort_paired(frame: pd.DataFrame) -> pd.DataFrame:
     """Datasets and methods in canonical order, FreeLB's comparisons first, clean before attacks by epsilon."""
     ranks = {
-        "dataset": {d: i for i, d in enumerate(DATASET_ORDER)},
+        "dataset": {d: i for i, d in enumerate(DATASET_IDS)},
         "reference": {r: i for i, r in enumerate(PAIRED_REFERENCES)},
-        "method": {m: i for i, m in enumerate(METHOD_ORDER)},
+        "method": {m: i for i, m in enumerate(METHOD_IDS)},
         "measure": {"clean": 0, "attacked": 1},
     }
     keys = {f"_{c}": frame[c].map(r).fillna(len(r)) for c, r in ranks.items()}
@@ -734,7 +730,7 @@ def _paired_display(part: pd.DataFrame, tex: bool) -> pd.DataFrame:
     rows = []
     for r in part.itertuples():
         star = "*" if r.ci95_low > 0 or r.ci95_high < 0 else ""
-        method, reference = (METHOD_NAMES.get(m, m) for m in (r.method, r.reference))
+        method, reference = (method_display(m) for m in (r.method, r.reference))
         rows.append(
             {
                 "Comparison": f"{method}{minus}{reference}",
@@ -771,7 +767,7 @@ def _excluding_zero_line(part: pd.DataFrame) -> str:
     if found.empty:
         return "No difference's 95 % interval excludes 0: every comparison here is within test-set noise."
     items = [
-        f"{METHOD_NAMES.get(row.method, row.method)} − {METHOD_NAMES.get(row.reference, row.reference)} "
+        f"{method_display(row.method)} − {method_display(row.reference)} "
         f"({_measure_name(row.measure, row.epsilon)}, {row.difference:+.2f})"
         for row in found.itertuples()
     ]
@@ -809,7 +805,7 @@ def write_table_paired(
     note = PAIRED_NOTE.format(b=resamples, seed=seed)
     markdown, latex = [], []
     for dataset, part in frame.groupby("dataset", sort=False):
-        name = DATASET_NAMES.get(dataset, dataset)
+        name = dataset_display(dataset)
         table = _paired_display(part, tex=False).to_markdown(index=False, disable_numparse=True)
         markdown.append(f"### {name}\n\n{table}\n\n{_power_line(part)}\n\n{_excluding_zero_line(part)}\n")
         caption = f"Paired differences in accuracy, {name} (B = {resamples:,} bootstrap resamples, seed {seed})."
@@ -850,12 +846,12 @@ def _styles(methods: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """One colour and one marker per method (by canonical position), the same in every figure."""
     import seaborn as sns
 
-    known = list(METHOD_ORDER) + sorted(set(methods).difference(METHOD_ORDER))
+    known = list(METHOD_IDS) + sorted(set(methods).difference(METHOD_IDS))
     colours = sns.color_palette("colorblind", len(known))
     markers = ["o", "s", "D", "^", "v", "P", "X", "*"]
     return (
-        {METHOD_NAMES.get(m, m): colours[i] for i, m in enumerate(known)},
-        {METHOD_NAMES.get(m, m): markers[i % len(markers)] for i, m in enumerate(known)},
+        {method_display(m): colours[i] for i, m in enumerate(known)},
+        {method_display(m): markers[i % len(markers)] for i, m in enumerate(known)},
     )
 
 
@@ -893,8 +889,8 @@ def _robustness_figure(attacks: pd.DataFrame, paired: pd.DataFrame, out_dir: Pat
     """
     import matplotlib.pyplot as plt
 
-    datasets = _order(attacks["dataset"].tolist(), DATASET_ORDER)
-    methods = _order(attacks["method"].tolist(), METHOD_ORDER)
+    datasets = _order(attacks["dataset"].tolist(), DATASET_IDS)
+    methods = _order(attacks["method"].tolist(), METHOD_IDS)
     colours, markers = _styles(methods)
     curve = _accuracy_curve(attacks)
     versus = paired[paired["reference"] == REFERENCE_METHOD] if len(paired) else paired
@@ -907,10 +903,8 @@ def _robustness_figure(attacks: pd.DataFrame, paired: pd.DataFrame, out_dir: Pat
             part = curve[(curve["dataset"] == dataset) & (curve["method"] == method)].sort_values("epsilon")
             if len(part):
                 x = part["epsilon"] + (i - (len(methods) - 1) / 2) * dodge
-                _errorbar(
-                    ax, x, part["mean"], part["low"], part["high"], METHOD_NAMES.get(method, method), colours, markers
-                )
-        ax.set_title(DATASET_NAMES.get(dataset, dataset))
+                _errorbar(ax, x, part["mean"], part["low"], part["high"], method_display(method), colours, markers)
+        ax.set_title(dataset_display(dataset))
         if rows == 2:
             _difference_panel(axes[1, col], versus[versus["dataset"] == dataset], methods, dodge, colours, markers)
         axes[-1, col].set_xlabel("ε (l2 radius of k-PGD; 0 = clean)")
@@ -940,7 +934,7 @@ def _difference_panel(
         rows = part[part["method"] == method].assign(x=lambda f: f["epsilon"].fillna(0.0)).sort_values("x")
         if len(rows):
             x = rows["x"] + (i - (len(methods) - 1) / 2) * dodge
-            name = METHOD_NAMES.get(method, method)
+            name = method_display(method)
             _errorbar(ax, x, rows["difference"], rows["ci95_low"], rows["ci95_high"], name, colours, markers)
 
 
@@ -974,10 +968,10 @@ def _distance_figure(attacks: pd.DataFrame, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    datasets = _order(attacks["dataset"].tolist(), DATASET_ORDER)
-    order = [METHOD_NAMES.get(m, m) for m in _order(attacks["method"].tolist(), METHOD_ORDER)]
+    datasets = _order(attacks["dataset"].tolist(), DATASET_IDS)
+    order = [method_display(m) for m in _order(attacks["method"].tolist(), METHOD_IDS)]
     frame = attacks.assign(
-        method=attacks["method"].map(lambda m: METHOD_NAMES.get(m, m)),
+        method=attacks["method"].map(method_display),
         eps=attacks["epsilon"].map(lambda e: f"ε = {e:g}"),
         one_minus_cosine=1.0 - attacks["mean_cosine"],
     )
@@ -995,7 +989,7 @@ def _distance_figure(attacks: pd.DataFrame, out_dir: Path) -> list[Path]:
                 palette="viridis", legend=row == 0 and col == 1, ax=ax,
             )  # fmt: skip
             _distance_axis(ax.xaxis, part[value])
-            ax.set_title(f"{DATASET_NAMES.get(dataset, dataset)}: {title}")
+            ax.set_title(f"{dataset_display(dataset)}: {title}")
             ax.set_ylabel("")
             ax.set_xlabel(title + (" (log scale)" if ax.get_xscale() == "log" else ""))
             ax.tick_params(labelleft=col == 0)
@@ -1022,18 +1016,18 @@ def _learning_curves_figure(metrics_paths: list[Path], out_dir: Path) -> list[Pa
     if not history:
         return []
     frame = pd.DataFrame(history)
-    methods = _order(frame["method"].tolist(), METHOD_ORDER)
+    methods = _order(frame["method"].tolist(), METHOD_IDS)
     colours, markers = _styles(methods)
-    datasets = _order(frame["dataset"].tolist(), DATASET_ORDER)
+    datasets = _order(frame["dataset"].tolist(), DATASET_IDS)
     frame = frame.assign(
-        method=frame["method"].map(lambda m: METHOD_NAMES.get(m, m)),
-        dataset=frame["dataset"].map(lambda d: DATASET_NAMES.get(d, d)),
+        method=frame["method"].map(method_display),
+        dataset=frame["dataset"].map(dataset_display),
     )
-    names = [METHOD_NAMES.get(m, m) for m in methods]
+    names = [method_display(m) for m in methods]
     grid = sns.relplot(
         data=frame, x="epoch", y="dev accuracy (%)", hue="method", style="method", hue_order=names,
         style_order=names, palette=colours, markers=markers, dashes=False, col="dataset",
-        col_order=[DATASET_NAMES.get(d, d) for d in datasets], col_wrap=min(2, len(datasets)), kind="line",
+        col_order=[dataset_display(d) for d in datasets], col_wrap=min(2, len(datasets)), kind="line",
         errorbar="sd", err_kws={"alpha": 0.15}, markersize=5, linewidth=1.3, height=3.0, aspect=1.4,
         facet_kws={"sharey": False, "sharex": False},
     )  # fmt: skip

@@ -17,14 +17,16 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 # The workflow is parsed by the Python that runs Snakemake, which need not have carlrar installed (with
-# `--sdm conda` only the rules' environment, workflow/envs/carlrar.yaml, has it). Parsing needs just the config
-# module (pyyaml, jsonschema: Snakemake's own dependencies), so it falls back to this repository's src/ folder.
+# `--sdm conda` only the rules' environment, workflow/envs/carlrar.yaml, has it). Parsing imports only light
+# modules (config, registry, storage, hpsearch's grid: pyyaml and jsonschema, which Snakemake itself needs; no
+# torch, transformers or scipy), so it falls back to this repository's src/ folder.
 REPO_SRC = Path(workflow.basedir) / "src"
 if importlib.util.find_spec("carlrar") is None:
     sys.path.insert(0, str(REPO_SRC))
     logger.info(f"carlrar is not installed in Snakemake's Python; parsing with {REPO_SRC}")
 
 from carlrar.config import ConfigError, coerce_exponent_numbers, resolve
+from carlrar.registry import CONTRASTIVE_METHODS, RECONSTRUCTION_METHODS
 from carlrar.storage import write_text
 
 
@@ -112,8 +114,7 @@ onstart:
 # step's entry module and every carlrar module it imports, directly or not (carlrar.cli, which only dispatches,
 # is left out). A method's regulariser module counts only for the methods that use it.
 PACKAGE_DIR = Path(importlib.util.find_spec("carlrar").origin).parent
-REGULARISER_MODULES = {"contrastive.py": ("carl", "carl_rar"), "reconstruction.py": ("rar", "carl_rar")}
-RECONSTRUCTING_METHODS = REGULARISER_MODULES["reconstruction.py"]
+REGULARISER_MODULES = {"contrastive.py": CONTRASTIVE_METHODS, "reconstruction.py": RECONSTRUCTION_METHODS}
 
 
 def _carlrar_imports(module_file):
@@ -192,7 +193,7 @@ def sample_reports():
     dataset = ANALYSIS["samples_dataset"]
     if dataset not in DATASETS or "base" not in METHODS:
         return []
-    methods = [m for m in METHODS if m in RECONSTRUCTING_METHODS]
+    methods = [m for m in METHODS if m in RECONSTRUCTION_METHODS]
     return [f"{RESULTS}/samples/{dataset}/{m}/seed{s}.json" for m in methods for s in SEEDS]
 
 
@@ -233,7 +234,7 @@ RAR_WARMUP = f"{RESULTS}/rar_warmup"
 
 def rar_warmup_input(wildcards):
     """rar and carl_rar start from the dataset's reconstructor warm-up when training.rar.warmup_steps > 0."""
-    if wildcards.method in RECONSTRUCTING_METHODS and config["training"]["rar"]["warmup_steps"]:
+    if wildcards.method in RECONSTRUCTION_METHODS and config["training"]["rar"]["warmup_steps"]:
         return {"warmup": f"{RAR_WARMUP}/{wildcards.dataset}/warmup.json"}
     return {}
 
