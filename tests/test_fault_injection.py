@@ -25,8 +25,8 @@ from tiny import tiny_config
 
 from carlrar import training
 from carlrar.config import from_mapping
-from carlrar.registry import METHOD_IDS as METHODS
 from carlrar.data import prepare_dataset
+from carlrar.registry import METHOD_IDS as METHODS
 from carlrar.storage import read_json
 from carlrar.training import train
 
