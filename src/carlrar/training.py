@@ -37,7 +37,7 @@ from carlrar.adversary import (
     autocast_context,
     parameters_of,
 )
-from carlrar.config import METHODS, Config
+from carlrar.config import Config
 from carlrar.contrastive import CARLLoss, CARLObjective
 from carlrar.data import SPLITS, read_manifest, read_split
 from carlrar.devices import select_device
@@ -60,6 +60,7 @@ from carlrar.reconstruction import (
     token_accuracy,
     warm_up,
 )
+from carlrar.registry import METHOD_IDS as METHODS
 from carlrar.storage import atomic_dir, atomic_path, check_output_dir, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
