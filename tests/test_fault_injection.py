@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import tiny_config
 
-from carlrar import training
+from carlrar import checkpoints, rar_warmup, training
 from carlrar.config import from_mapping
 from carlrar.data import prepare_dataset
 from carlrar.registry import METHOD_IDS as METHODS
@@ -102,7 +102,8 @@ def switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KillSwitch:
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     monkeypatch.setattr(pathlib.Path, "write_text", write_text)
-    monkeypatch.setattr(training, "save_file", save_file)
+    for module in (training, checkpoints, rar_warmup):  # best weights, checkpoints, the warm-up head
+        monkeypatch.setattr(module, "save_file", save_file)
     monkeypatch.setattr(training, "adversarial_backward", step)
     return ks
 

@@ -16,7 +16,11 @@ from carlrar import training
 from carlrar.config import from_mapping
 from carlrar.data import prepare_dataset
 from carlrar.errors import CarlrarError
-from carlrar.training import carl_schedule, train
+from carlrar.checkpoints import load_trained_run
+from carlrar.errors import TrainingDiverged
+from carlrar.methods import carl_schedule
+from carlrar.rar_warmup import warm_up_reconstructor
+from carlrar.training import train
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +123,7 @@ def test_rar_starts_from_one_shared_warmup(tmp_path: Path, learnable_data: Path)
     assert accuracy["after_warmup"] > accuracy["before_warmup"] + 0.2, accuracy
     assert 0.0 <= accuracy["end"] <= 1.0
 
-    record = training.warm_up_reconstructor(config, "sst2", learnable_data, tmp_path / "shared", "cpu")
+    record = warm_up_reconstructor(config, "sst2", learnable_data, tmp_path / "shared", "cpu")
     assert record["dev_token_accuracy_after"] == accuracy["after_warmup"] and len(record["losses"]) == 15
     shared = train(config, "sst2", "carl_rar", 4, learnable_data, tmp_path / "carl_rar", "cpu", tmp_path / "shared")
     assert shared.metrics["reconstruction_dev_token_accuracy"]["after_warmup"] == accuracy["after_warmup"]
@@ -331,7 +335,7 @@ def test_first_non_finite_step_stops_the_run_keeping_the_last_good_checkpoint(
     monkeypatch.setattr(training, "adversarial_backward", goes_nan_at_step_eight)
     run = tmp_path / "run"
     config = from_mapping(tiny_config(checkpoint_every=3, max_grad_norm=0.0 if poison == "gradient" else 1.0))
-    with pytest.raises(training.TrainingDiverged) as stopped:
+    with pytest.raises(TrainingDiverged) as stopped:
         train(config, "sst2", "freelb", 1, learnable_data, run, "cpu")
     message = str(stopped.value)
     assert "at step 8 (epoch 2, batch 3)" in message and "\n" not in message
@@ -352,4 +356,4 @@ def test_a_run_with_non_finite_weights_is_refused(tmp_path: Path, learnable_data
     weights["model.classifier.weight"][0, 0] = float("nan")
     save_file(weights, str(path))
     with pytest.raises(CarlrarError, match=r"non-finite weights \(1 tensors, e.g. model.classifier.weight\)"):
-        training.load_trained_run(tmp_path / "run")
+        load_trained_run(tmp_path / "run")

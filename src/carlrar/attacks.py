@@ -297,7 +297,8 @@ def attack_split(
     if not epsilons:
         raise CarlrarError("give at least one epsilon")
     _check_settings([("epsilon", "analysis.epsilons[]", e) for e in epsilons], steps, step_size_ratio, batch_size, seed)
-    from carlrar.training import batches, encode_split, load_trained_run
+    from carlrar.batching import batches, encode_split
+    from carlrar.checkpoints import load_trained_run
 
     run_dir, data_dir, out_dir = Path(run_dir), Path(data_dir), Path(out_dir)
     check_output_dir(out_dir)
@@ -430,7 +431,8 @@ def text_samples(
     atomically and returns it.
     """
     _check_settings([("epsilon", "analysis.samples_epsilon", epsilon)], steps, step_size_ratio, batch_size, seed)
-    from carlrar.training import batches, encode_split, load_trained_run
+    from carlrar.batching import batches, encode_split
+    from carlrar.checkpoints import load_trained_run
 
     data_dir = Path(data_dir)
     check_output_file(out_path)

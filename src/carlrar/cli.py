@@ -98,7 +98,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_rar_warmup(args: argparse.Namespace) -> None:
     from carlrar.config import load_config
-    from carlrar.training import warm_up_reconstructor
+    from carlrar.rar_warmup import warm_up_reconstructor
 
     config = load_config(args.config, args.set)
     if not config.training["rar"]["warmup_steps"]:

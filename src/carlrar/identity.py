@@ -13,10 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import platform
 import shutil
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
+from carlrar import __version__
 from carlrar.config import Config
 from carlrar.errors import CarlrarError, first_line
 from carlrar.storage import recover_swaps
@@ -172,3 +176,15 @@ def _discard(run_dir: Path, reason: str) -> None:
         removed.append(name)
     if removed:
         log.warning("discarded %s in %s (%s); training from step 0", ", ".join(removed), run_dir, reason)
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a run records beside its metrics (the run identity leaves them out: an upgrade is no new run)."""
+    import transformers
+
+    return {
+        "carlrar": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }

@@ -13,513 +13,61 @@ import json
 import logging
 import math
 import os
-import platform
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
-from carlrar import __version__
 from carlrar.adversary import (
-    AuxiliaryLoss,
     Batch,
-    FreeLB,
     adversarial_backward,
     amp_dtype_for,
-    autocast_context,
     parameters_of,
 )
+from carlrar.batching import batches, encode_split, epoch_order, evaluate, steps_in_epoch
+from carlrar.checkpoints import (
+    Progress,
+    load_checkpoint,
+    module_state,
+    optimizer_state,
+    read_best_weights,
+    restore_optimizer,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    write_predictions,
+)
 from carlrar.config import Config
-from carlrar.contrastive import CARLLoss, CARLObjective
 from carlrar.data import SPLITS, read_manifest, read_split
 from carlrar.devices import select_device
 from carlrar.distributed import Collective, init_collective
-from carlrar.errors import CarlrarError, first_line
+from carlrar.errors import CarlrarError, TrainingDiverged, first_line
 from carlrar.identity import (
     PREDICTIONS_FILE,
     RESTART_ADVICE,
     Restart,
     fingerprint,
+    library_versions,
     prepare_run_folder,
     run_identity,
 )
-from carlrar.models import TextClassifier, count_parameters, load_model
+from carlrar.methods import build_method
+from carlrar.models import count_parameters, load_model
+from carlrar.rar_warmup import start_reconstructor, warm_up_reconstructor, warmup_fits, warmup_source
 from carlrar.reconstruction import (
-    RARObjective,
-    build_reconstructor,
-    head_state,
-    load_head_state,
     token_accuracy,
-    warm_up,
 )
-from carlrar.registry import METHOD_IDS as METHODS
-from carlrar.storage import atomic_dir, atomic_path, check_output_dir, read_json, sha256_file, write_json
+from carlrar.storage import atomic_dir, check_output_dir, sha256_file, write_json
 
 log = logging.getLogger(__name__)
-
-
-# --- data -----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EncodedSplit:
-    """A tokenised split: one id list per example (unpadded) and the labels."""
-
-    ids: list[list[int]]
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def encode_split(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int) -> EncodedSplit:
-    """Tokenise a split read (and verified) by carlrar.data.read_split."""
-    ids = tokenizer(list(frame["text"]), truncation=True, max_length=max_length)["input_ids"] if len(frame) else []
-    return EncodedSplit(ids=ids, labels=torch.tensor(frame["label"].to_numpy(), dtype=torch.long))
-
-
-def collate(split: EncodedSplit, rows: Tensor, pad_id: int) -> Batch:
-    """Pad to the longest sequence in the batch (dynamic padding, SPEC 3 step 1)."""
-    seqs = [split.ids[i] for i in rows.tolist()]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return Batch(input_ids=input_ids, attention_mask=mask, labels=split.labels[rows], indices=rows.clone())
-
-
-def epoch_order(num_rows: int, seed: int, epoch: int) -> Tensor:
-    """The shuffle of an epoch depends only on (seed, epoch), so a resumed run sees the same batches."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_rows, generator=generator)
-
-
-def batches(
-    split: EncodedSplit,
-    order: Tensor,
-    batch_size: int,
-    pad_id: int,
-    start: int = 0,
-    collective: Collective | None = None,
-) -> Iterator[Batch]:
-    """Batches of ``order`` from batch number ``start``; with several ranks, each yields its share of each batch."""
-    rank, world = (collective.rank, collective.world_size) if collective else (0, 1)
-    for first in range(start * batch_size, len(order), batch_size):
-        rows = order[first : first + batch_size]
-        if len(rows) < world:  # too few rows to give every rank one: dropped, as steps_per_epoch assumes
-            return
-        yield collate(split, rows.tensor_split(world)[rank], pad_id)
-
-
-def steps_in_epoch(num_rows: int, batch_size: int, world_size: int = 1) -> int:
-    """Optimizer steps per epoch; a last batch too small to give every rank a row is dropped."""
-    full, rest = divmod(num_rows, batch_size)
-    return full + (1 if rest >= world_size else 0)
-
-
-@torch.no_grad()
-def evaluate(
-    model: TextClassifier,
-    split: EncodedSplit,
-    batch_size: int,
-    pad_id: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-) -> tuple[float, Tensor]:
-    """Accuracy and predictions on a split, in eval mode."""
-    was_training = model.training
-    model.eval()
-    predictions = []
-    for batch in batches(split, torch.arange(len(split)), batch_size, pad_id):
-        batch = batch.to(device)
-        with autocast_context(device, amp_dtype):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        predictions.append(logits.argmax(-1).cpu())
-    model.train(was_training)
-    preds = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
-    accuracy = float((preds == split.labels).float().mean()) if len(split) else float("nan")
-    return accuracy, preds
-
-
-# --- the method --------------------------------------------------------------------------------------------
-
-RAR_METHODS = ("rar", "carl_rar")  # the methods with RAR's reconstructor
-
-
-@dataclass
-class Method:
-    """A method is a perturber plus auxiliary losses (SPEC 6 and 8)."""
-
-    name: str
-    freelb: FreeLB | None
-    auxiliaries: list[AuxiliaryLoss]
-
-    @property
-    def modules(self) -> dict[str, nn.Module]:
-        return {aux.name: aux for aux in self.auxiliaries if isinstance(aux, nn.Module)}
-
-
-def carl_schedule(start_step: int | None, start_epoch: float | None, steps_per_epoch: int) -> tuple[int, int]:
-    """(tau, first bank-writing step): banks are written from the start of the epoch before tau's epoch.
-
-    Starting at an epoch boundary guarantees every row is written before L_D starts (SPEC 4).
-    """
-    tau = start_step if start_step is not None else round((start_epoch or 0) * steps_per_epoch)
-    if tau < steps_per_epoch:
-        raise CarlrarError(
-            f"CARL's start (tau = {tau} steps) must be at least one epoch ({steps_per_epoch} steps) so that the memory "
-            "banks hold every training example when L_D starts; raise datasets.<name>.carl.start_step/start_epoch"
-        )
-    return tau, (tau // steps_per_epoch - 1) * steps_per_epoch
-
-
-def build_method(
-    name: str,
-    config: Config,
-    dataset: str,
-    model: TextClassifier,
-    train_labels: Tensor,
-    seed: int,
-    steps_per_epoch: int,
-    collective: Collective | None = None,
-) -> Method:
-    if name not in METHODS:
-        raise CarlrarError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    ds = config.dataset(dataset)
-    freelb = None if name == "base" else FreeLB(ds.freelb)
-    auxiliaries: list[AuxiliaryLoss] = []
-    if name in ("carl", "carl_rar"):
-        tau, bank_start = carl_schedule(ds.carl.start_step, ds.carl.start_epoch, steps_per_epoch)
-        carl = config.training["carl"]
-        try:
-            loss = CARLLoss(
-                train_labels,
-                model.config.hidden_size,
-                ds.carl.negatives,
-                temperature=carl["temperature"],
-                momentum=carl["momentum"],
-                loss=carl["loss"],
-                seed=seed,
-                collective=collective,
-            )
-        except ValueError as exc:
-            raise CarlrarError(f"CARL on {dataset}: {exc}") from None
-        auxiliaries.append(CARLObjective(loss, start_step=tau, bank_start_step=bank_start))
-    if name in RAR_METHODS:
-        reconstructor = build_reconstructor(model, config.model["name"])
-        auxiliaries.append(RARObjective(reconstructor, weight=config.training["rar"]["weight"]))
-    return Method(name, freelb, auxiliaries)
-
-
-# --- RAR's reconstructor warm-up -------------------------------------------------------------------------------
-
-WARMUP_HEAD_FILE = "reconstructor.safetensors"
-WARMUP_RECORD_FILE = "warmup.json"
-
-
-def _warmup_identity(config: Config, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Everything that determines the warmed-up head: a run refuses a warm-up made from anything else."""
-    rar = config.training["rar"]
-    return {
-        "model": config.model["name"],
-        "overrides": config.model.get("overrides") or {},
-        "max_length": config.data.max_length,
-        "warmup": {
-            key: rar[key] for key in ("warmup_steps", "warmup_learning_rate", "warmup_batch_size", "warmup_seed")
-        },
-        "data": {split: manifest["splits"][split]["sha256"] for split in ("train", "dev")},
-    }
-
-
-def _warmup_batches(split: EncodedSplit, steps: int, batch_size: int, seed: int, pad_id: int) -> Iterator[Batch]:
-    """``steps`` batches of shuffled training sentences, reshuffled (seeded) at each pass over the split."""
-    produced, epoch = 0, 0
-    while produced < steps:
-        for batch in batches(split, epoch_order(len(split), seed, epoch), batch_size, pad_id):
-            if produced == steps:
-                return
-            produced += 1
-            yield batch
-        epoch += 1
-
-
-def warm_up_reconstructor(
-    config: Config, dataset: str, data_dir: str | Path, out_dir: str | Path, device_request: str = "auto"
-) -> dict[str, Any]:
-    """Fit RAR's head on clean training inputs with the pretrained encoder frozen; write it to ``out_dir``.
-
-    Run once per (dataset, model): every rar / carl_rar seed starts from this head (``train(rar_warmup=...)``).
-    Writes ``reconstructor.safetensors`` and ``warmup.json`` (clean-dev token reconstruction accuracy before
-    and after, the loss curve, and the identity a run checks before using it), atomically.
-    """
-    from transformers import set_seed
-
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    check_output_dir(out_dir, replaces=WARMUP_RECORD_FILE)
-    manifest, rar = read_manifest(data_dir), config.training["rar"]
-    device, lease = select_device(device_request)
-    try:
-        set_seed(rar["warmup_seed"], deterministic=device.type == "cpu")
-        model, tokenizer = load_model(
-            config.model["name"], manifest["num_labels"], config.model.get("overrides") or None, "cls"
-        )
-        reconstructor = build_reconstructor(model, config.model["name"])
-        model.to(device)
-        reconstructor.to(device)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        train_split = encode_split(read_split(data_dir, "train", manifest), tokenizer, config.data.max_length)
-        dev_split = encode_split(read_split(data_dir, "dev", manifest), tokenizer, config.data.max_length)
-
-        amp_dtype = amp_dtype_for(config.training["precision"], device)
-
-        def dev_accuracy() -> float:
-            dev = batches(dev_split, torch.arange(len(dev_split)), config.training["eval_batch_size"], pad_id)
-            with autocast_context(device, amp_dtype):
-                return token_accuracy(model, reconstructor, (b.to(device) for b in dev))
-
-        started, before = time.perf_counter(), dev_accuracy()
-        steps = _warmup_batches(train_split, rar["warmup_steps"], rar["warmup_batch_size"], rar["warmup_seed"], pad_id)
-        bar = tqdm(steps, total=rar["warmup_steps"], desc=f"{dataset}/rar-warmup", unit="step", dynamic_ncols=True)
-        losses = warm_up(model, reconstructor, (b.to(device) for b in bar), rar["warmup_learning_rate"], amp_dtype)
-        bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
-        if bad is not None:
-            raise TrainingDiverged(
-                f"the reconstructor warm-up diverged at step {bad + 1} (loss {losses[bad]}); nothing was written; "
-                "lower training.rar.warmup_learning_rate"
-            )
-        after = dev_accuracy()
-    finally:
-        if lease is not None:
-            lease.release()
-    record = {
-        "dataset": dataset,
-        "identity": _warmup_identity(config, manifest),
-        "dev_token_accuracy_before": before,
-        "dev_token_accuracy_after": after,
-        "losses": losses,
-        "seconds": time.perf_counter() - started,
-        "device": str(device),
-        "versions": _versions(),
-    }
-    with atomic_dir(out_dir) as tmp:
-        save_file(head_state(reconstructor), str(tmp / WARMUP_HEAD_FILE))
-        write_json(tmp / WARMUP_RECORD_FILE, record)
-    log.info("%s: reconstructor warm-up, clean dev token accuracy %.4f -> %.4f", dataset, before, after)
-    return record
-
-
-def _read_warmup(warmup_dir: Path, config: Config, manifest: dict[str, Any]) -> dict:
-    """The record of a warm-up made for exactly this model, data and warm-up setting; else one clear error."""
-    record_path, head_path = warmup_dir / WARMUP_RECORD_FILE, warmup_dir / WARMUP_HEAD_FILE
-    if not record_path.is_file() or not head_path.is_file():
-        raise CarlrarError(
-            f"{warmup_dir} holds no reconstructor warm-up ({WARMUP_RECORD_FILE} and {WARMUP_HEAD_FILE}); "
-            "run carlrar rar-warmup"
-        )
-    try:
-        record = json.loads(record_path.read_text())
-        recorded = record.get("identity", {})
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise CarlrarError(f"{record_path} is unreadable ({first_line(exc)}); rerun carlrar rar-warmup") from None
-    expected = _warmup_identity(config, manifest)
-    differing = sorted(key for key in expected if recorded.get(key) != expected[key])
-    if differing:
-        raise CarlrarError(
-            f"the reconstructor warm-up in {warmup_dir} was made with other {', '.join(differing)} than this run; "
-            "rerun carlrar rar-warmup with this config and data"
-        )
-    return record
-
-
-def _warmup_fits(warmup_dir: Path, config: Config, manifest: dict[str, Any]) -> bool:
-    """Whether a run's own warm-up folder holds a warm-up of this config and data (else it is made again)."""
-    try:
-        _read_warmup(warmup_dir, config, manifest)
-    except CarlrarError:
-        return False
-    return True
-
-
-def _warmup_source(method: str, config: Config, manifest: dict[str, Any], rar_warmup: str | Path | None) -> str | None:
-    """What a run's reconstructor starts from, for its identity: a shared warm-up's head hash, "own" or None.
-
-    A shared warm-up is checked here, before the run folder is touched, so a wrong one is refused up front.
-    """
-    if method not in RAR_METHODS or not config.training["rar"]["warmup_steps"]:
-        return None
-    if rar_warmup is None:
-        return "own"
-    _read_warmup(Path(rar_warmup), config, manifest)
-    return sha256_file(Path(rar_warmup) / WARMUP_HEAD_FILE)
-
-
-def _load_warmup(reconstructor: nn.Module, warmup_dir: Path, config: Config, manifest: dict[str, Any]) -> dict:
-    """Start RAR's head from a warm-up made for exactly this model, data and warm-up setting."""
-    record = _read_warmup(warmup_dir, config, manifest)
-    try:
-        load_head_state(reconstructor, load_file(str(warmup_dir / WARMUP_HEAD_FILE)))
-    except Exception as exc:  # a damaged or foreign head: safetensors and load_state_dict fail alike
-        raise CarlrarError(
-            f"{warmup_dir / WARMUP_HEAD_FILE} is unreadable ({first_line(exc)}); rerun carlrar rar-warmup"
-        ) from None
-    return record
-
-
-def _start_reconstructor(
-    method: Method,
-    model: TextClassifier,
-    config: Config,
-    manifest: dict[str, Any],
-    rar_warmup: Path | None,
-    dev_batches: Callable[[], Iterator[Batch]],
-) -> dict[str, float]:
-    """Load the warmed-up head into a RAR method; return clean-dev token accuracy before and after the warm-up.
-
-    Without a warm-up (``warmup_steps`` 0: a pretrained MLM head) both are the head's accuracy as the run starts.
-    """
-    if "rar" not in method.modules:
-        return {}
-    objective = method.modules["rar"]
-    if config.training["rar"]["warmup_steps"]:
-        record = _load_warmup(objective.reconstructor, rar_warmup, config, manifest)
-        return {
-            "before_warmup": record["dev_token_accuracy_before"],
-            "after_warmup": record["dev_token_accuracy_after"],
-        }
-    start = token_accuracy(model, objective.reconstructor, dev_batches())
-    return {"before_warmup": start, "after_warmup": start}
-
-
-# --- checkpoints -----------------------------------------------------------------------------------------------
-
-
-def _flatten(prefix: str, obj: Any, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Split a nested state into safetensors-storable tensors and JSON-storable values (no pickle).
-
-    Nesting levels are joined with "/", which never occurs in state_dict keys (those use ".").
-    """
-    if isinstance(obj, Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _flatten(f"{prefix}/{key}" if prefix else str(key), value, tensors, meta)
-    else:
-        meta[prefix] = obj
-
-
-def _unflatten(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    root: dict[str, Any] = {}
-    for key, value in [*tensors.items(), *meta.items()]:
-        node = root
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return root
-
-
-def _rng_state(device: torch.device) -> dict[str, Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _restore_rng(state: dict[str, Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _module_state(module: nn.Module) -> dict[str, Any]:
-    """state_dict with tied parameters once (safetensors refuses shared storage) and extra states nested."""
-    return {key: value.clone() if isinstance(value, Tensor) else value for key, value in module.state_dict().items()}
-
-
-@dataclass
-class Progress:
-    """Everything about where training stands that is not a tensor."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    best_dev_accuracy: float = -1.0
-    best_step: int = -1
-    train_seconds: float = 0.0
-    samples_seen: int = 0
-    recent_losses: list[float] = field(default_factory=list)  # the logged running loss, restored on resume
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-CHECKPOINT_FORMAT = 3  # bump when the layout of state.json / state.safetensors changes (3: the run identity)
-
-
-def save_checkpoint(path: Path, state: dict[str, Any], progress: Progress, identity: dict[str, Any]) -> None:
-    """Write the resumable state with the identity of the run it belongs to (see carlrar.identity)."""
-    tensors: dict[str, Tensor] = {}
-    meta: dict[str, Any] = {}
-    _flatten("", state, tensors, meta)
-    record = {
-        "format": CHECKPOINT_FORMAT,
-        "run_fingerprint": fingerprint(identity),
-        "run_identity": identity,
-        "meta": meta,
-        "progress": progress.__dict__,
-    }
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(record, indent=1))
-
-
-def load_checkpoint(path: Path) -> tuple[dict[str, Any], Progress]:
-    """Read a checkpoint; an unreadable or foreign one is one CarlrarError that says how to start over."""
-    try:
-        info = json.loads((path / "state.json").read_text())
-        if info.get("format") != CHECKPOINT_FORMAT:
-            raise CarlrarError(
-                f"{path} was written by an incompatible version of carlrar (format {info.get('format')}, this "
-                f"version reads {CHECKPOINT_FORMAT}); {RESTART_ADVICE}"
-            )
-        return _unflatten(load_file(str(path / "state.safetensors")), info["meta"]), Progress(**info["progress"])
-    except CarlrarError:
-        raise
-    except Exception as exc:  # a damaged file fails in json, safetensors or Progress alike: one remedy for all
-        raise CarlrarError(f"the checkpoint {path} is unreadable ({first_line(exc)}); {RESTART_ADVICE}") from None
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    groups = [dict(g) for g in json.loads(state["param_groups"])]
-    per_param = {int(k): v for k, v in state.get("state", {}).items()}
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-
-
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    sd = optimizer.state_dict()
-    return {"state": {str(k): v for k, v in sd["state"].items()}, "param_groups": json.dumps(sd["param_groups"])}
-
-
-# --- the loop --------------------------------------------------------------------------------------------------
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "carlrar": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _make_optimizer(
@@ -540,10 +88,6 @@ def _make_optimizer(
         lr=lr,
         fused=True,
     )
-
-
-class TrainingDiverged(CarlrarError):
-    """A loss, gradient or weight became NaN or infinite: the run stops before it writes anything of it."""
 
 
 def _last_good(last_checkpoint: int | None) -> str:
@@ -640,16 +184,16 @@ def train(
     check_output_dir(run_dir)
     manifest = read_manifest(data_dir)
     frames = {split: read_split(data_dir, split, manifest) for split in SPLITS}  # verified before anything is touched
-    warmup_source = _warmup_source(method_name, config, manifest, rar_warmup)
+    source = warmup_source(method_name, config, manifest, rar_warmup)
     data_sha256 = {split: info["sha256"] for split, info in manifest["splits"].items()}
-    identity = run_identity(config, dataset, method_name, seed, data_sha256, warmup_source)
+    identity = run_identity(config, dataset, method_name, seed, data_sha256, source)
     # Rank 0 settles the folder before the process group forms; the other ranks wait for it in init_collective.
     resume = prepare_run_folder(run_dir, identity, restart) if _is_rank_zero() else None
-    if warmup_source == "own":
+    if source == "own":
         # No shared warm-up given (the workflow gives one per dataset): make this run's own, before the run's seed
         # is set, so the result equals a run started from a shared warm-up.
         rar_warmup = run_dir / "rar_warmup"
-        if _is_rank_zero() and not _warmup_fits(rar_warmup, config, manifest):  # other ranks wait in init_collective
+        if _is_rank_zero() and not warmup_fits(rar_warmup, config, manifest):  # other ranks wait in init_collective
             warm_up_reconstructor(config, dataset, data_dir, rar_warmup, device_request)
     collective, rank_device = init_collective(device_request)
     if resume is None:
@@ -729,7 +273,7 @@ def _train(
         order = torch.arange(len(dev_split))
         return (b.to(device) for b in batches(dev_split, order, tcfg["eval_batch_size"], pad_id))
 
-    reconstruction = _start_reconstructor(method, model, config, manifest, rar_warmup, dev_batches) if main else {}
+    reconstruction = start_reconstructor(method, model, config, manifest, rar_warmup, dev_batches) if main else {}
     modules: dict[str, nn.Module] = {"model": model, **method.modules}
     named = {id(p): f"{mname}.{pname}" for mname, mod in modules.items() for pname, p in mod.named_parameters()}
     params = parameters_of(model, method.auxiliaries)
@@ -743,9 +287,9 @@ def _train(
         try:
             for mname, module in modules.items():
                 module.load_state_dict(state["modules"][mname])
-            _restore_optimizer(optimizer, state["optimizer"])
+            restore_optimizer(optimizer, state["optimizer"])
             scheduler.load_state_dict(json.loads(state["scheduler"]))
-            _restore_rng(state["rng"][str(collective.rank)], device)
+            restore_rng(state["rng"][str(collective.rank)], device)
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CarlrarError(
                 f"the checkpoint {checkpoint_dir} does not fit this run ({first_line(exc)}); {RESTART_ADVICE}"
@@ -763,13 +307,13 @@ def _train(
     def checkpoint() -> None:
         """Called on every rank: rank 0 writes the shared state and every rank's RNG."""
         nonlocal last_checkpoint
-        rng = {str(r): state for r, state in enumerate(collective.gather_objects(_rng_state(device)))}
+        rng = {str(r): state for r, state in enumerate(collective.gather_objects(rng_state(device)))}
         if main:
             check_finite_weights(modules, f"step {progress.step}", last_checkpoint)
             last_checkpoint = progress.step
             state = {
-                "modules": {mname: _module_state(module) for mname, module in modules.items()},
-                "optimizer": _optimizer_state(optimizer),
+                "modules": {mname: module_state(module) for mname, module in modules.items()},
+                "optimizer": optimizer_state(optimizer),
                 "scheduler": json.dumps(scheduler.state_dict()),
                 "rng": rng,
             }
@@ -783,7 +327,7 @@ def _train(
                     f"{mname}.{k}": v
                     for mname, module in modules.items()
                     if any(True for _ in module.parameters())
-                    for k, v in _module_state(module).items()
+                    for k, v in module_state(module).items()
                     if isinstance(v, Tensor)
                 },
                 str(tmp / "weights.safetensors"),
@@ -867,7 +411,7 @@ def _train(
         collective.barrier()
         return TrainResult(metrics={}, run_dir=run_dir)
 
-    best = _read_best_weights(best_dir / "weights.safetensors")
+    best = read_best_weights(best_dir / "weights.safetensors")
     model.load_state_dict({k.removeprefix("model."): v for k, v in best.items() if k.startswith("model.")})
     test_accuracy = (
         evaluate(model, test_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)[0] if len(test_split) else None
@@ -908,7 +452,7 @@ def _train(
             "training": tcfg,
             "dataset": config.raw["datasets"][dataset],
         },
-        "versions": _versions(),
+        "versions": library_versions(),
         "data": {
             "manifest_sha256": sha256_file(data_dir / "manifest.json"),
             "splits": {s: info["sha256"] for s, info in manifest["splits"].items()},
@@ -918,79 +462,3 @@ def _train(
     write_json(run_dir / "metrics.json", metrics)
     collective.barrier()
     return TrainResult(metrics=metrics, run_dir=run_dir)
-
-
-def write_predictions(path: Path, gold: Tensor, predictions: Tensor) -> None:
-    """Per-example outcome on the evaluated split: ``row`` (position in the split), ``gold``, ``pred``."""
-    frame = pd.DataFrame({"row": range(len(gold)), "gold": gold.numpy(), "pred": predictions.numpy()})
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-
-
-@dataclass
-class TrainedRun:
-    """A finished run's best weights, rebuilt for evaluation and attacks."""
-
-    model: TextClassifier
-    tokenizer: PreTrainedTokenizerBase
-    reconstructor: nn.Module | None
-    metrics: dict[str, Any]
-
-
-RETRAIN_ADVICE = "train the run again (carlrar train ... --restart)"
-
-
-def _read_best_weights(path: Path) -> dict[str, Tensor]:
-    """A run's best weights, refused when the file is damaged or holds NaN / infinite values."""
-    try:
-        weights = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
-        raise CarlrarError(f"{path} is unreadable ({first_line(exc)}); {RETRAIN_ADVICE}") from None
-    broken = [name for name, value in weights.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-    if broken:
-        raise CarlrarError(
-            f"{path} holds non-finite weights ({len(broken)} tensors, e.g. {broken[0]}): the run diverged; "
-            f"{RETRAIN_ADVICE} with a lower learning rate"
-        )
-    if "model.classifier.weight" not in weights:
-        raise CarlrarError(f"{path} holds no classifier (model.classifier.weight); {RETRAIN_ADVICE}")
-    return weights
-
-
-def load_trained_run(run_dir: str | Path, device: torch.device | str = "cpu") -> TrainedRun:
-    """Rebuild the model (and RAR's reconstructor, if the run has one) from ``run_dir/best`` in eval mode.
-
-    The architecture and tokenizer come from the folder itself, so no hub access is needed.
-    """
-    run_dir = Path(run_dir)
-    best, metrics_path = run_dir / "best", run_dir / "metrics.json"
-    if not (best / "weights.safetensors").is_file() or not metrics_path.is_file():
-        raise CarlrarError(f"{run_dir} is not a finished training run (no best/weights.safetensors or metrics.json)")
-    if not (best / "config.json").is_file():
-        raise CarlrarError(f"{best} lacks config.json (the architecture of its weights); {RETRAIN_ADVICE}")
-    weights = _read_best_weights(best / "weights.safetensors")
-    try:
-        metrics = read_json(metrics_path, "the run's metrics.json")
-    except CarlrarError as exc:
-        raise CarlrarError(f"{exc}; {RETRAIN_ADVICE}") from None
-    try:
-        pooling = metrics["config"]["model"].get("pooling", "pooler")
-    except (KeyError, TypeError, AttributeError):
-        raise CarlrarError(
-            f"{metrics_path} is not a carlrar metrics file (no config.model); {RETRAIN_ADVICE}"
-        ) from None
-    model, tokenizer = load_model(f"random:{best}", weights["model.classifier.weight"].shape[0], pooling=pooling)
-    reconstructor = None
-    rar_weights = {k.removeprefix("rar.reconstructor."): v for k, v in weights.items() if k.startswith("rar.")}
-    try:
-        model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
-        if rar_weights:
-            reconstructor = build_reconstructor(model, f"random:{best}")
-            reconstructor.load_state_dict(rar_weights)
-            reconstructor.to(device).eval()
-    except RuntimeError as exc:  # weights of another architecture than best/config.json describes
-        raise CarlrarError(
-            f"{best}: the weights do not fit its config.json ({first_line(exc)}); {RETRAIN_ADVICE}"
-        ) from None
-    model.to(device).eval()
-    return TrainedRun(model, tokenizer, reconstructor, metrics)

@@ -149,6 +149,7 @@ def code_inputs(modules):
 
 DATA_CODE = module_closure("data.py")
 TRAIN_CODE = module_closure("training.py")
+WARMUP_CODE = module_closure("rar_warmup.py")
 ATTACK_CODE = module_closure("attacks.py")
 TABLE_CODE = module_closure("reporting.py")
 HPSEARCH_SELECT_CODE = module_closure("hpsearch.py")

@@ -10,7 +10,7 @@
 rule rar_warmup:
     input:
         manifest=prepared_manifest,
-        code=method_code("rar"),
+        code=code_inputs(WARMUP_CODE),
     output:
         record=f"{RAR_WARMUP}/{{dataset}}/warmup.json",
     params:
