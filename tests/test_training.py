@@ -13,11 +13,10 @@ from safetensors.torch import load_file
 from tiny import tiny_config
 
 from carlrar import training
+from carlrar.checkpoints import load_trained_run
 from carlrar.config import from_mapping
 from carlrar.data import prepare_dataset
-from carlrar.errors import CarlrarError
-from carlrar.checkpoints import load_trained_run
-from carlrar.errors import TrainingDiverged
+from carlrar.errors import CarlrarError, TrainingDiverged
 from carlrar.methods import carl_schedule
 from carlrar.rar_warmup import warm_up_reconstructor
 from carlrar.training import train
