@@ -13,8 +13,9 @@ STAMP := $(VENV)/.carlrar-installed
 
 QUICK_CORES ?= 2
 SNAKEMAKE_ARGS ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: setup quick evidence test test-slow lint readme clean-venv
+.PHONY: setup quick evidence test test-slow lint readme gpu-check clean-venv
 
 setup: $(STAMP)
 
@@ -49,6 +50,12 @@ test-slow: setup
 lint: setup
 	$(BIN)/ruff check src tests benchmarks workflow/scripts
 	$(BIN)/ruff format --check src tests benchmarks workflow/scripts
+
+# The CUDA and bf16 paths on one GPU: checks and throughput into results/gpu_check/gpu_check.json, under 8 minutes
+# on one H200 (benchmarks/README.md). Exits 2 without a GPU; `make gpu-check GPU_CHECK_ARGS="--device cpu --tiny"`
+# is a CPU dry run of the logic (write it elsewhere with --out).
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py --out results/gpu_check/gpu_check.json $(GPU_CHECK_ARGS)
 
 # Rewrite the README's result blocks from the committed tables (tests/test_readme.py checks they match).
 readme: setup

@@ -44,6 +44,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from _common import SST2_POSITIVE, SST2_ROWS, prefilled_carl, sync, timed  # noqa: E402  (benchmarks/_common.py)
 from torch import Tensor, nn  # noqa: E402
 
 from carlrar.adversary import AuxiliaryLoss, Batch, FreeLB, adversarial_backward  # noqa: E402
@@ -54,8 +55,6 @@ from carlrar.reconstruction import RARObjective, build_reconstructor  # noqa: E4
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("base", "freelb", "carl", "rar")
-SST2_ROWS = 67_349
-SST2_POSITIVE = 37_569 / SST2_ROWS  # share of label 1 in SST-2's training set
 MiB = 2**20
 RUNTIME_NOTE = (
     "Runtime on an idle 2-core CPU: about 4.5 minutes by default (ALBERT at batch 32 x 64 costs about 8 s per "
@@ -146,23 +145,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # --- methods and one training step -------------------------------------------------------------------------------
-
-
-def prefilled_carl(labels: Tensor, dim: int, negatives: int, device: torch.device, seed: int) -> CARLLoss:
-    """A CARL loss whose banks hold a (random) representation of every row, as after the bank-writing epoch."""
-    loss = CARLLoss(labels, dim, negatives, seed=seed).to(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for first in range(0, labels.numel(), 8192):
-        rows = torch.arange(first, min(first + 8192, labels.numel()), device=device)
-        feats = torch.randn(2, len(rows), dim, generator=generator, device=device)
-        loss.update_banks(rows, feats[0], feats[1])
-    return loss
 
 
 class Method:
@@ -234,11 +217,8 @@ def time_methods(
         batch = next_batch().to(device)
         batch_size = len(batch.labels)
         for name, method in methods.items():
-            sync(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            losses[name] = train_step(model, method, batch, amp)
-            sync(device)
-            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            losses[name], timing = timed(functools.partial(train_step, model, method, batch, amp), device)
+            elapsed, elapsed_cpu = timing.wall_s, timing.cpu_s
             if r >= warmup:
                 times[name].append(elapsed)
                 cpu_times[name].append(elapsed_cpu)
