@@ -77,27 +77,26 @@ from carlrar.adversary import (  # noqa: E402
     autocast_context,
     parameters_of,
 )
-from carlrar.config import METHODS, Config, FreeLBConfig, from_mapping  # noqa: E402
+from carlrar.batching import steps_in_epoch  # noqa: E402
+from carlrar.checkpoints import (  # noqa: E402
+    Progress,
+    load_checkpoint,
+    module_state,
+    optimizer_state,
+    restore_optimizer,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
+from carlrar.config import Config, FreeLBConfig, from_mapping  # noqa: E402
 from carlrar.contrastive import CARLObjective  # noqa: E402
 from carlrar.data import DATASETS  # noqa: E402
 from carlrar.errors import CarlrarError  # noqa: E402
+from carlrar.methods import Method, build_method  # noqa: E402
 from carlrar.models import TextClassifier, load_model  # noqa: E402
+from carlrar.registry import METHOD_IDS as METHODS  # noqa: E402
 from carlrar.storage import check_output_file, write_json  # noqa: E402
-from carlrar.training import (  # noqa: E402
-    Method,
-    Progress,
-    _make_optimizer,
-    _module_state,
-    _optimizer_state,
-    _restore_optimizer,
-    _restore_rng,
-    _rng_state,
-    build_method,
-    clip_and_measure,
-    load_checkpoint,
-    save_checkpoint,
-    steps_in_epoch,
-)
+from carlrar.training import clip_and_measure, make_optimizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "results" / "gpu_check" / "gpu_check.json"
@@ -349,7 +348,7 @@ def progress(message: str, ctx: Context) -> None:
 
 @dataclass
 class Trainer:
-    """One method's training state, built as carlrar.training._train builds it."""
+    """One method's training state, built as carlrar.training builds it."""
 
     model: TextClassifier
     method: Method
@@ -391,7 +390,7 @@ def build_trainer(ctx: Context, spec: ModelSpec, shape: Shape, method_name: str)
     named = {id(p): f"{mname}.{pname}" for mname, mod in modules.items() for pname, p in mod.named_parameters()}
     params = parameters_of(model, method.auxiliaries)
     training = ctx.config.training
-    optimizer = _make_optimizer(params, named, training["learning_rate"], training["weight_decay"])
+    optimizer = make_optimizer(params, named, training["learning_rate"], training["weight_decay"])
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, SCHEDULE_STEPS)
     return Trainer(model, method, modules, params, optimizer, scheduler, labels)
 
@@ -621,10 +620,10 @@ def note_weights(ctx: Context, spec: ModelSpec, name: str, state: dict[str, Tens
 def save_state(ctx: Context, tr: Trainer, path: Path, step: int) -> None:
     """The checkpoint carlrar.training writes: modules, optimizer, schedule, RNG, via its save_checkpoint."""
     state = {
-        "modules": {mname: _module_state(module) for mname, module in tr.modules.items()},
-        "optimizer": _optimizer_state(tr.optimizer),
+        "modules": {mname: module_state(module) for mname, module in tr.modules.items()},
+        "optimizer": optimizer_state(tr.optimizer),
         "scheduler": json.dumps(tr.scheduler.state_dict()),
-        "rng": {"0": _rng_state(ctx.device)},
+        "rng": {"0": rng_state(ctx.device)},
     }
     save_checkpoint(path, state, Progress(step=step), {"gpu_check": step})
 
@@ -634,10 +633,10 @@ def restore_state(ctx: Context, tr: Trainer, path: Path, rng: bool) -> int:
     state, saved = load_checkpoint(path)
     for mname, module in tr.modules.items():
         module.load_state_dict(state["modules"][mname])
-    _restore_optimizer(tr.optimizer, state["optimizer"])
+    restore_optimizer(tr.optimizer, state["optimizer"])
     tr.scheduler.load_state_dict(json.loads(state["scheduler"]))
     if rng:
-        _restore_rng(state["rng"]["0"], ctx.device)
+        restore_rng(state["rng"]["0"], ctx.device)
     return saved.step
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from carlrar.adversary import _RngSnapshot
-from carlrar.config import METHODS
+from carlrar.registry import METHOD_IDS as METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"

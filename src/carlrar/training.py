@@ -70,7 +70,7 @@ from carlrar.storage import atomic_dir, check_output_dir, sha256_file, write_jso
 log = logging.getLogger(__name__)
 
 
-def _make_optimizer(
+def make_optimizer(
     params: list[nn.Parameter], named: dict[int, str], lr: float, weight_decay: float
 ) -> torch.optim.AdamW:
     """AdamW without weight decay on biases and LayerNorm weights, as in run_glue_no_trainer.py."""
@@ -277,7 +277,7 @@ def _train(
     modules: dict[str, nn.Module] = {"model": model, **method.modules}
     named = {id(p): f"{mname}.{pname}" for mname, mod in modules.items() for pname, p in mod.named_parameters()}
     params = parameters_of(model, method.auxiliaries)
-    optimizer = _make_optimizer(params, named, tcfg["learning_rate"], tcfg["weight_decay"])
+    optimizer = make_optimizer(params, named, tcfg["learning_rate"], tcfg["weight_decay"])
     scheduler = get_linear_schedule_with_warmup(optimizer, round(tcfg["warmup_ratio"] * total_steps), total_steps)
 
     checkpoint_dir, best_dir = run_dir / "checkpoint", run_dir / "best"
