@@ -50,9 +50,11 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks workflow/scripts
 	$(BIN)/ruff format --check src tests benchmarks workflow/scripts
 
-# Rewrite the README's result blocks from the committed tables (tests/test_readme.py checks they match).
+# Rewrite the README's result blocks from the committed tables, and config/README.md's table of keys from the
+# config schema (tests/test_readme.py checks both match).
 readme: setup
 	$(BIN)/python workflow/scripts/sync_readme.py
+	$(BIN)/python workflow/scripts/config_table.py
 
 clean-venv:
 	rm -rf $(VENV)
