@@ -182,7 +182,9 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
     def setting(key: str, what: str) -> str:
         """The help text of a flag mirroring analysis.KEY: where its value comes from when the flag is absent."""
         value = getattr(defaults, key)
-        shown = " ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
+        shown = " ".join(
+            f"{v:g}" if isinstance(v, float) else str(v) for v in (value if isinstance(value, tuple) else (value,))
+        )
         return f"{what} (default: analysis.{key} of --config; without --config the schema's {shown})"
 
     def config_option(sub: argparse.ArgumentParser) -> None:
