@@ -57,9 +57,11 @@ lint: setup
 gpu-check: setup
 	$(BIN)/python benchmarks/gpu_check.py --out results/gpu_check/gpu_check.json $(GPU_CHECK_ARGS)
 
-# Rewrite the README's result blocks from the committed tables (tests/test_readme.py checks they match).
+# Rewrite the README's result blocks from the committed tables, and config/README.md's table of keys from the
+# config schema (tests/test_readme.py checks both match).
 readme: setup
 	$(BIN)/python workflow/scripts/sync_readme.py
+	$(BIN)/python workflow/scripts/config_table.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,6 +8,8 @@ from the same seeded random directions.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -15,13 +17,14 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from tiny import TINY_BERT, tiny_config
 
 from carlrar import attacks
 from carlrar.adversary import Batch, amp_dtype_for, autocast_context
 from carlrar.attacks import attack_split, pgd_attack, random_start, text_samples
 from carlrar.cli import main
-from carlrar.config import from_mapping
+from carlrar.config import AnalysisConfig, from_mapping, load_schema
 from carlrar.data import prepare_dataset
 from carlrar.models import load_model
 from carlrar.reconstruction import build_reconstructor, decode_argmax, reconstruction_loss
@@ -309,33 +312,87 @@ def test_text_samples_and_cli(runs, tmp_path: Path) -> None:
         )
         == 2
     )
-    assert (
-        main(
-            [
-                "-q",
-                "attack",
-                "--run",
-                str(base),
-                "--data",
-                str(data),
-                "--out",
-                str(tmp_path / "cli"),
-                "--epsilons",
-                "0.1",
-                "--steps",
-                "2",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
+    # the workflow's way: the settings come from the config's analysis section, a flag replaces one of them
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config(), "analysis": {"epsilons": [0.1], "steps": 2, "seed": 5}}))
+    cli = ["-q", "attack", "--config", str(config), "--run", str(base), "--data", str(data), "--out"]
+    assert main([*cli, str(tmp_path / "cli"), "--batch-size", "4", "--device", "cpu"]) == 0
+    assert (tmp_path / "cli/records_eps0.1.parquet").is_file()
+    attack = json.loads((tmp_path / "cli/summary.json").read_text())["attack"]
+    assert (attack["steps"], attack["seed"], attack["batch_size"]) == (2, 5, 4)
+    assert list(json.loads((tmp_path / "cli/summary.json").read_text())["epsilons"]) == ["0.1"]
+
+
+# --- where the settings come from -----------------------------------------------------------------------------
+
+
+def test_default_settings_are_the_schemas_and_follow_the_spec() -> None:
+    """The library's keyword defaults are the schema's analysis defaults (one source), which are the paper's."""
+    defaults = AnalysisConfig.defaults()
+    assert defaults.epsilons == (0.02, 0.075, 0.1)  # Table 5
+    assert defaults.steps == 10 and defaults.step_size_ratio == 0.25  # SPEC 7: k = 10 steps of epsilon / 4
+    assert from_mapping(tiny_config()).analysis == defaults == attacks.ANALYSIS_DEFAULTS  # no analysis section
+    assert {f.name for f in dataclasses.fields(AnalysisConfig)} == set(
+        load_schema()["properties"]["analysis"]["properties"]
     )
-    assert (tmp_path / "cli/records_eps0.1.parquet").is_file() and (tmp_path / "cli/summary.json").is_file()
+    split = inspect.signature(attack_split).parameters
+    samples = inspect.signature(text_samples).parameters
+    for name in ("steps", "step_size_ratio", "batch_size", "seed"):
+        assert split[name].default == samples[name].default == getattr(defaults, name), name
+    assert split["epsilons"].default == defaults.epsilons and samples["epsilon"].default == defaults.samples_epsilon
+    assert inspect.signature(pgd_attack).parameters["steps"].default == defaults.steps
+    assert not [name for name in vars(attacks) if name.startswith("DEFAULT_")]
 
 
-def test_default_settings_follow_the_spec() -> None:
-    assert attacks.DEFAULT_EPSILONS == (0.02, 0.075, 0.1)
-    assert attacks.DEFAULT_STEPS == 10 and attacks.DEFAULT_STEP_SIZE_RATIO == 0.25
+@pytest.fixture
+def received(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict]:
+    """What ``carlrar attack`` / ``samples`` hand to attack_split / text_samples (which are not run)."""
+    calls: dict[str, dict] = {}
+
+    def recorder(name: str):
+        def record(*args, **kwargs):
+            calls[name] = kwargs
+            return {"n_changed": 0, "n_examples": 0, "n_fool_base": 0}
+
+        return record
+
+    monkeypatch.setattr(attacks, "attack_split", recorder("attack"))
+    monkeypatch.setattr(attacks, "text_samples", recorder("samples"))
+    return calls
+
+
+def test_attack_and_samples_take_the_configs_analysis_and_flags_override_it(received, tmp_path: Path) -> None:
+    analysis = {"epsilons": [0.3, 0.6], "steps": 4, "step_size_ratio": 0.5, "batch_size": 7, "seed": 9}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config(), "analysis": {**analysis, "samples_epsilon": 0.2}}))
+    attack = ["-q", "attack", "--run", "r", "--data", "d", "--out", "o"]
+    samples = ["-q", "samples", "--run", "r", "--base-run", "b", "--data", "d", "--out", "o.json"]
+    from_config = {**analysis, "epsilons": (0.3, 0.6), "device": "auto"}
+
+    assert main([*attack, "--config", str(config)]) == 0
+    assert received["attack"] == from_config
+    assert main([*attack, "--config", str(config), "--steps", "2", "--epsilons", "0.1", "--device", "cpu"]) == 0
+    assert received["attack"] == {**from_config, "steps": 2, "epsilons": (0.1,), "device": "cpu"}
+    shared = {key: value for key, value in from_config.items() if key != "epsilons"}
+    assert main([*samples, "--config", str(config)]) == 0
+    assert received["samples"] == {**shared, "epsilon": 0.2}
+    assert main([*samples, "--config", str(config), "--epsilon", "0.05", "--seed", "3", "--batch-size", "2"]) == 0
+    assert received["samples"] == {**shared, "epsilon": 0.05, "seed": 3, "batch_size": 2}
+
+
+def test_without_config_attack_and_samples_use_the_schemas_defaults(received) -> None:
+    defaults = AnalysisConfig.defaults()
+    shared = {
+        "steps": defaults.steps,
+        "step_size_ratio": defaults.step_size_ratio,
+        "batch_size": defaults.batch_size,
+        "seed": defaults.seed,
+        "device": "auto",
+    }
+    assert main(["-q", "attack", "--run", "r", "--data", "d", "--out", "o"]) == 0
+    assert received["attack"] == {**shared, "epsilons": defaults.epsilons}
+    assert main(["-q", "samples", "--run", "r", "--base-run", "b", "--data", "d", "--out", "o", "--steps", "1"]) == 0
+    assert received["samples"] == {**shared, "epsilon": defaults.samples_epsilon, "steps": 1}
 
 
 def test_a_bf16_run_is_trained_and_attacked_in_bf16_on_the_cpu(runs, tmp_path: Path) -> None:

@@ -341,6 +341,24 @@ CATALOGUE: dict[str, tuple[Case, str]] = {
         lambda ws: attack_args(ws, "--step-size-ratio", "0"),
         r"--step-size-ratio: 0 must be > 0",
     ),
+    "attack --config missing": (
+        lambda ws: attack_args(ws, "--config", f"{ws}/none.yaml"),
+        r"config file not found: .*none.yaml",
+    ),
+    "attack --config with analysis.steps 0": (
+        mutate(
+            lambda ws: (ws / "bad.yaml").write_text(yaml.safe_dump({**tiny_config(), "analysis": {"steps": 0}})),
+            lambda ws: attack_args(ws, "--config", f"{ws}/bad.yaml"),
+        ),
+        r"bad.yaml: config key 'analysis.steps': 0 is less than the minimum of 1",
+    ),
+    "samples --config with an unknown analysis key": (
+        mutate(
+            lambda ws: (ws / "bad.yaml").write_text(yaml.safe_dump({**tiny_config(), "analysis": {"epsilon": 0.1}})),
+            lambda ws: samples_args(ws, "--config", f"{ws}/bad.yaml"),
+        ),
+        r"config key 'analysis': .*'epsilon' was unexpected.*known keys: batch_size, datasets, epsilons",
+    ),
     "attack truncated best weights": (
         mutate(lambda ws: truncate(ws / "runs/base/best/weights.safetensors"), attack_args),
         r"weights.safetensors is unreadable .*train the run again",

@@ -375,7 +375,7 @@ def test_prepared_splits_are_verified_against_the_manifest(tmp_path: Path, raw: 
 def test_exponent_numbers_are_numbers_and_every_number_is_finite_and_bounded(tmp_path: Path) -> None:
     path = config(tmp_path, {"ag_news": SMALL["ag_news"]})
     cfg = load_config(path, ["training.learning_rate=1e-4", "analysis.epsilons=[2E-2, 0.1]", "run_name=1e5"])
-    assert cfg.training["learning_rate"] == 1e-4 and cfg.analysis["epsilons"] == [0.02, 0.1]
+    assert cfg.training["learning_rate"] == 1e-4 and cfg.analysis.epsilons == (0.02, 0.1)
     assert cfg.run_name == "1e5", "only number-typed keys are read as numbers"
     for override, message in (
         ("training.learning_rate=.inf", r"'training.learning_rate': NaN and infinity are not allowed"),

@@ -7,6 +7,7 @@ git + DVC repository (a copy of the workflow), then checks metrics, plots and th
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -101,11 +102,21 @@ def smoke_params(raw_dir: Path) -> dict:
 
 
 # --- the files -----------------------------------------------------------------------------------------------------
-def test_params_name_the_paper_run() -> None:
-    params = project_params()
-    config = yaml.safe_load((ROOT / params["run"]["config"]).read_text(encoding="utf-8"))
-    assert params["run"]["name"] == config["run_name"]
-    assert (ROOT / params["machine"]["profile"] / "config.yaml").is_file()
+def test_committed_params_agree_with_the_config_they_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """params.yaml's run.name is the run_name of the config file run.config names, as resolved (a default counts).
+
+    dvc.yaml names its outputs after run.name and the workflow after run_name; the check is the stage helper's own,
+    which `dvc repro` runs first, here in-process so that a mismatch is caught by the fast suite, not after a clone.
+    """
+    spec = importlib.util.spec_from_file_location("dvc_stage", STAGE_HELPER)
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    monkeypatch.chdir(ROOT)  # params.yaml and run.config are relative to the repository root
+    run, machine = stage.load_params()
+    config = stage.load_run_config(run)  # valid against the schema, else SystemExit(2) with the key
+    stage.check_run_name(run, config)  # SystemExit(2) on a mismatch
+    assert config.run_name == run["name"] == "paper"
+    assert (ROOT / machine["profile"] / "config.yaml").is_file()
 
 
 def test_dvc_yaml_tracks_folders_and_keeps_checkpoints() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,87 @@ def test_readme_sizes_match_the_configs() -> None:
     assert f"{_sentences(evidence, 'sst2', 'train')} SST-2 training sentences evaluated on" in readme
     assert f"{_sentences(evidence, 'ag_news', 'train')} AG's News articles" in readme
     assert f"({_sentences(evidence, 'ag_news', 'dev')} dev, {_sentences(evidence, 'ag_news', 'test')} test)" in readme
+
+
+# --- config/README.md: the table of every config key, generated from the schema -------------------------------------
+TABLE_SCRIPT = ROOT / "workflow" / "scripts" / "config_table.py"
+BEGIN, END = "<!-- begin config table: workflow/scripts/config_table.py -->", "<!-- end config table -->"
+
+
+def config_table(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(TABLE_SCRIPT), *args], capture_output=True, text=True, check=False)
+
+
+def test_config_readme_table_equals_the_schema() -> None:
+    result = config_table("--check")
+    assert result.returncode == 0, result.stderr
+    text = (ROOT / "config" / "README.md").read_text(encoding="utf-8")
+    for key in ("`analysis.steps` | integer | `10` | ≥ 1 |", "`datasets.<dataset>.per_class.train` |"):
+        assert key in text
+
+
+def test_every_schema_key_has_a_row_and_a_description() -> None:
+    """A key missing from the table, or without a description, would send a user to the schema's JSON."""
+    schema = json.loads((ROOT / "src/carlrar/schemas/config.schema.json").read_text(encoding="utf-8"))
+    text = (ROOT / "config" / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    documented = {row.split("`")[1]: row.rstrip(" |").rsplit(" | ", 1)[1] for row in rows}
+
+    def keys(node: dict, path: str) -> list[str]:
+        node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]] if "$ref" in node else node
+        found = [path] if path else []
+        for key, child in node.get("properties", {}).items():
+            found += keys(child, f"{path}.{key}" if path else key)
+        if isinstance(node.get("additionalProperties"), dict):
+            found += keys(node["additionalProperties"], f"{path}.<dataset>")
+        return found
+
+    expected = keys(schema, "")
+    assert list(documented) == expected
+    assert all(len(description) > 10 for description in documented.values()), documented
+
+
+def test_stale_config_table_is_reported_then_rewritten(tmp_path: Path) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {
+                    "ratio": {
+                        "type": "number",
+                        "exclusiveMinimum": 0,
+                        "maximum": 1,
+                        "default": 0.5,
+                        "description": "a|b",
+                    },
+                    "name": {"enum": ["x", "y"], "default": "x", "description": "Which <name> to use."},
+                },
+            }
+        )
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{BEGIN}\n| old |\n{END}\nend\n")
+    args = ("--schema", str(schema), "--readme", str(readme))
+    stale = config_table("--check", *args)
+    assert stale.returncode == 1 and "make readme" in stale.stderr
+    assert config_table(*args).returncode == 0
+    assert readme.read_text() == (
+        f"intro\n{BEGIN}\n| Key | Type | Default | Allowed | Description |\n|---|---|---|---|---|\n"
+        "| `ratio` | number | `0.5` | (0, 1] | a\\|b |\n"
+        "| `name` | string | `x` | `x`, `y` | Which \\<name> to use. |\n"
+        f"{END}\nend\n"
+    )
+    assert config_table("--check", *args).returncode == 0
+
+
+def test_a_key_without_description_or_a_readme_without_the_block_fails(tmp_path: Path) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {}}}}}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{BEGIN}\n{END}\n")
+    result = config_table("--check", "--schema", str(schema), "--readme", str(readme))
+    assert result.returncode == 2 and "keys without a description: a, a.b" in result.stderr
+    readme.write_text("no table here\n")
+    result = config_table("--schema", str(ROOT / "src/carlrar/schemas/config.schema.json"), "--readme", str(readme))
+    assert result.returncode == 2 and "no table block" in result.stderr

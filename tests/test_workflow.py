@@ -236,6 +236,21 @@ def test_smoke_dag_runs_end_to_end(tmp_path: Path, raw_dir: Path) -> None:
     again = snakemake("-n", *args, cwd=tmp_path)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
 
+    # The attacks read their settings from the resolved config (no settings flags), and a changed analysis setting
+    # reruns the attacks (their params fingerprint) and what depends on them, but no training.
+    analysis = load_config(tmp_path / "results/smoke/config.yaml").analysis
+    attack = json.loads((results / "attacks/sst2/base/seed1/summary.json").read_text())["attack"]
+    assert (attack["steps"], attack["step_size_ratio"], attack["seed"]) == (
+        analysis.steps,
+        analysis.step_size_ratio,
+        analysis.seed,
+    )
+    smoke = yaml.safe_load((tmp_path / "config/smoke.yaml").read_text())
+    (tmp_path / "config/smoke.yaml").write_text(yaml.safe_dump({**smoke, "analysis": {"steps": analysis.steps + 1}}))
+    edited = snakemake("-n", *args, cwd=tmp_path)
+    counts = job_counts(edited.stdout)
+    assert counts.get("attack") == 4 and "train" not in counts and "prepare" not in counts, edited.stdout[-3000:]
+
 
 def test_quick_config_plans_every_table_and_figure(raw_dir: Path) -> None:
     """`make quick`'s plan: 2 datasets x 5 methods x 2 seeds, attacks on AG's News only, samples from SST-2."""

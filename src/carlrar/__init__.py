@@ -16,6 +16,7 @@ _EXPORTS = {
     "TextClassifier": "carlrar.models",
     "ClassifierOutput": "carlrar.models",
     "FreeLBConfig": "carlrar.config",
+    "AnalysisConfig": "carlrar.config",
     "FreeLB": "carlrar.adversary",
     "Batch": "carlrar.adversary",
     "adversarial_backward": "carlrar.adversary",

@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from carlrar.adversary import Batch, amp_dtype_for, autocast_context
-from carlrar.config import bound_problem
+from carlrar.config import AnalysisConfig, bound_problem
 from carlrar.data import read_manifest, read_split
 from carlrar.devices import select_device
 from carlrar.errors import CarlrarError
@@ -42,9 +42,9 @@ from carlrar.storage import atomic_path, check_output_dir, check_output_file, re
 log = logging.getLogger(__name__)
 
 GRAD_NORM_FLOOR = 1e-12  # guards g / ||g|| where the loss is flat in delta (e.g. a saturated softmax)
-DEFAULT_EPSILONS = (0.02, 0.075, 0.1)  # Table 5
-DEFAULT_STEPS = 10
-DEFAULT_STEP_SIZE_RATIO = 0.25  # alpha = epsilon / 4 (SPEC 7)
+# The keyword defaults below are the config schema's ``analysis`` defaults, read once here: a caller that gives
+# no settings attacks exactly as a workflow whose config leaves ``analysis`` out, and no number is written twice.
+ANALYSIS_DEFAULTS = AnalysisConfig.defaults()
 
 
 @dataclass
@@ -105,7 +105,7 @@ def pgd_attack(
     model: TextClassifier,
     batch: Batch,
     epsilon: float,
-    steps: int = DEFAULT_STEPS,
+    steps: int = ANALYSIS_DEFAULTS.steps,
     step_size: float | None = None,
     generator: torch.Generator | None = None,
     return_tokens: bool = False,
@@ -118,7 +118,7 @@ def pgd_attack(
         batch: a padded batch on the model's device; ``labels`` are the gold labels the attack moves away from.
         epsilon: radius of the l2 ball per example (whole sentence). 0 gives exactly the clean predictions.
         steps: k, the number of gradient steps (0: the random start only).
-        step_size: alpha; default epsilon / 4.
+        step_size: alpha; default ``ANALYSIS_DEFAULTS.step_size_ratio * epsilon`` (the schema's step size).
         generator: for the random start (a CPU generator seeded 0 when None). Reuse one across batches, or
             re-seed it, to make a comparison between settings fair.
         return_tokens: also return the attacked token states (for RAR's reconstructor).
@@ -126,7 +126,7 @@ def pgd_attack(
     """
     if epsilon < 0 or steps < 0:
         raise ValueError(f"epsilon and steps must be >= 0 (got {epsilon}, {steps})")
-    alpha = epsilon / 4 if step_size is None else step_size
+    alpha = ANALYSIS_DEFAULTS.step_size_ratio * epsilon if step_size is None else step_size
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     device = batch.input_ids.device
@@ -281,12 +281,12 @@ def attack_split(
     run_dir: str | Path,
     data_dir: str | Path,
     out_dir: str | Path,
-    epsilons: tuple[float, ...] | list[float] = DEFAULT_EPSILONS,
-    steps: int = DEFAULT_STEPS,
-    step_size_ratio: float = DEFAULT_STEP_SIZE_RATIO,
-    batch_size: int = 64,
+    epsilons: tuple[float, ...] | list[float] = ANALYSIS_DEFAULTS.epsilons,
+    steps: int = ANALYSIS_DEFAULTS.steps,
+    step_size_ratio: float = ANALYSIS_DEFAULTS.step_size_ratio,
+    batch_size: int = ANALYSIS_DEFAULTS.batch_size,
     device: str = "auto",
-    seed: int = 0,
+    seed: int = ANALYSIS_DEFAULTS.seed,
 ) -> dict[str, Any]:
     """Attack a trained run on its dataset's evaluated split at each epsilon; write records and a summary.
 
@@ -414,12 +414,12 @@ def text_samples(
     base_run_dir: str | Path,
     data_dir: str | Path,
     out_path: str | Path,
-    epsilon: float = 0.1,
-    steps: int = DEFAULT_STEPS,
-    step_size_ratio: float = DEFAULT_STEP_SIZE_RATIO,
-    batch_size: int = 64,
+    epsilon: float = ANALYSIS_DEFAULTS.samples_epsilon,
+    steps: int = ANALYSIS_DEFAULTS.steps,
+    step_size_ratio: float = ANALYSIS_DEFAULTS.step_size_ratio,
+    batch_size: int = ANALYSIS_DEFAULTS.batch_size,
     device: str = "auto",
-    seed: int = 0,
+    seed: int = ANALYSIS_DEFAULTS.seed,
 ) -> dict[str, Any]:
     """Text-form adversarial samples (Table 6) from a RAR / CARL+RAR run, judged by the base run.
 
@@ -545,8 +545,8 @@ def text_samples(
 
 
 __all__ = [
+    "ANALYSIS_DEFAULTS",
     "AttackResult",
-    "DEFAULT_EPSILONS",
     "attack_split",
     "pgd_attack",
     "random_start",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from carlrar.config import bound_problem
+from carlrar.config import AnalysisConfig, bound_problem
 from carlrar.errors import CarlrarError
 from carlrar.registry import DATASET_IDS, METHOD_IDS
 
@@ -113,20 +114,38 @@ def _cmd_table2(args: argparse.Namespace) -> None:
     logging.info("Table 2: %d rows from %d metrics files -> %s.{md,csv,tex}", len(frame), len(args.metrics), args.out)
 
 
+def _analysis_settings(args: argparse.Namespace) -> AnalysisConfig:
+    """The attack's settings: ``--config``'s ``analysis`` section (else the schema's defaults), then the flags.
+
+    The workflow passes its resolved config, so a setting lives in one place, the config; a flag given by hand
+    replaces just that value (flags are parsed to None when absent, so a default can never mask the config).
+    """
+    from carlrar.config import load_config
+
+    analysis = load_config(args.config).analysis if args.config else AnalysisConfig.defaults()
+    given = {
+        name: tuple(value) if isinstance(value, list) else value
+        for name in (f.name for f in dataclasses.fields(AnalysisConfig))
+        if (value := getattr(args, name, None)) is not None
+    }
+    return dataclasses.replace(analysis, **given)
+
+
 def _cmd_attack(args: argparse.Namespace) -> None:
     from carlrar.attacks import attack_split
 
+    settings = _analysis_settings(args)
     # attack_split logs each epsilon's accuracy under attack, success rate and representation distances.
     attack_split(
         args.run_dir,
         args.data,
         args.out,
-        args.epsilons,
-        args.steps,
-        args.step_size_ratio,
-        args.batch_size,
-        args.device,
-        args.seed,
+        epsilons=settings.epsilons,
+        steps=settings.steps,
+        step_size_ratio=settings.step_size_ratio,
+        batch_size=settings.batch_size,
+        device=args.device,
+        seed=settings.seed,
     )
     logging.info("records_eps*.parquet and summary.json -> %s", args.out)
 
@@ -134,17 +153,18 @@ def _cmd_attack(args: argparse.Namespace) -> None:
 def _cmd_samples(args: argparse.Namespace) -> None:
     from carlrar.attacks import text_samples
 
+    settings = _analysis_settings(args)
     report = text_samples(
         args.run_dir,
         args.base_run,
         args.data,
         args.out,
-        args.epsilon,
-        args.steps,
-        args.step_size_ratio,
-        args.batch_size,
-        args.device,
-        args.seed,
+        epsilon=settings.samples_epsilon,
+        steps=settings.steps,
+        step_size_ratio=settings.step_size_ratio,
+        batch_size=settings.batch_size,
+        device=args.device,
+        seed=settings.seed,
     )
     logging.info(
         "%d of %d decoded sentences differ from the original; %d fool the base model -> %s",
@@ -156,30 +176,43 @@ def _cmd_samples(args: argparse.Namespace) -> None:
 
 
 def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
-    """``attack`` (Tables 4 and 5) and ``samples`` (Table 6)."""
+    """``attack`` (Tables 4 and 5) and ``samples`` (Table 6): settings from --config's analysis section, or flags."""
+    defaults = AnalysisConfig.defaults()  # shown in the help texts; read from the schema, never written here
+
+    def setting(key: str, what: str) -> str:
+        """The help text of a flag mirroring analysis.KEY: where its value comes from when the flag is absent."""
+        value = getattr(defaults, key)
+        shown = " ".join(
+            f"{v:g}" if isinstance(v, float) else str(v) for v in (value if isinstance(value, tuple) else (value,))
+        )
+        return f"{what} (default: analysis.{key} of --config; without --config the schema's {shown})"
+
+    def config_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--config",
+            type=Path,
+            help="YAML config whose analysis section gives the settings (the workflow passes its resolved "
+            "results/<run_name>/config.yaml); each setting flag replaces one value. Without it: the schema's "
+            "defaults (config/README.md)",
+        )
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
-            "--steps",
-            type=config_number("analysis.steps", int),
-            default=10,
-            help="k, the number of PGD steps (default: 10)",
+            "--steps", type=config_number("analysis.steps", int), help=setting("steps", "k, the number of PGD steps")
         )
         sub.add_argument(
             "--step-size-ratio",
             type=config_number("analysis.step_size_ratio"),
-            default=0.25,
-            help="step size alpha as a fraction of epsilon (default: 0.25, i.e. alpha = epsilon / 4)",
+            help=setting("step_size_ratio", "step size alpha as a fraction of epsilon"),
         )
         sub.add_argument(
             "--batch-size",
             type=config_number("analysis.batch_size", int),
-            default=64,
-            help="examples per attacked batch (default: 64)",
+            help=setting("batch_size", "examples per attacked batch"),
         )
         sub.add_argument("--device", default="auto", help=DEVICE_HELP)
         sub.add_argument(
-            "--seed", type=config_number("analysis.seed", int), default=0, help="seed of the random starts (default: 0)"
+            "--seed", type=config_number("analysis.seed", int), help=setting("seed", "seed of the random starts")
         )
 
     attack = commands.add_parser(
@@ -188,11 +221,13 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
         description=(
             "Attack RUN's best model on DATA's evaluated split (the manifest's evaluation_split) with l2 k-PGD on "
             "the raw word embeddings: random start in the epsilon ball, K steps of size alpha along g/||g||, "
-            "projection per example; eval mode, parameters frozen. Writes OUT/records_eps{EPS}.parquet (per "
+            "projection per example; eval mode, parameters frozen. The settings (epsilons, steps, step size ratio, "
+            "batch size, seed) are the analysis section of --config, or the schema's defaults without it; each "
+            "flag replaces one. Writes OUT/records_eps{EPS}.parquet (per "
             "example: row, gold, clean_pred, attacked_pred, perturbation_norm, cosine, euclidean) and "
-            "OUT/summary.json (per epsilon: clean_accuracy, attacked_accuracy = correct after attack / all, "
-            "attack_success_rate = flipped / originally correct, mean_cosine and mean_euclidean between clean and "
-            "attacked sentence representations)."
+            "OUT/summary.json (the settings used; per epsilon: clean_accuracy, attacked_accuracy = correct after "
+            "attack / all, attack_success_rate = flipped / originally correct, mean_cosine and mean_euclidean "
+            "between clean and attacked sentence representations)."
         ),
     )
     attack.add_argument(
@@ -200,12 +235,12 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
     )
     attack.add_argument("--data", required=True, type=Path, help="the prepared dataset folder the run was trained on")
     attack.add_argument("--out", required=True, type=Path, help="output folder")
+    config_option(attack)
     attack.add_argument(
         "--epsilons",
         type=config_number("analysis.epsilons[]"),
         nargs="+",
-        default=[0.02, 0.075, 0.1],
-        help="l2 radii of the attack, per sentence (default: 0.02 0.075 0.1, as in Table 5)",
+        help=setting("epsilons", "l2 radii of the attack, per sentence"),
     )
     common(attack)
     attack.set_defaults(run=_cmd_attack)
@@ -217,7 +252,9 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
             "Attack RUN (a rar or carl_rar run) with k-PGD on DATA's evaluated split, decode its reconstructor's "
             "argmax tokens at the attacked token states, keep the sentences that differ from the original, and "
             "record whether BASE_RUN (the base model of the same seed) classifies the original correctly and the "
-            "decoded text wrongly. Writes OUT (JSON: n_examples, n_changed, n_fool_base and the examples)."
+            "decoded text wrongly. The settings (samples_epsilon, steps, step size ratio, batch size, seed) are "
+            "the analysis section of --config, or the schema's defaults without it; each flag replaces one. "
+            "Writes OUT (JSON: the settings used, n_examples, n_changed, n_fool_base and the examples)."
         ),
     )
     samples.add_argument(
@@ -226,11 +263,13 @@ def _add_attack_parsers(commands: argparse._SubParsersAction) -> None:
     samples.add_argument("--base-run", required=True, type=Path, help="the base run of the same dataset and seed")
     samples.add_argument("--data", required=True, type=Path, help="the prepared dataset folder (e.g. SST-2)")
     samples.add_argument("--out", required=True, type=Path, help="output JSON file")
+    config_option(samples)
     samples.add_argument(
         "--epsilon",
+        dest="samples_epsilon",
+        metavar="EPSILON",
         type=config_number("analysis.samples_epsilon"),
-        default=0.1,
-        help="l2 radius of the attack (default: 0.1)",
+        help=setting("samples_epsilon", "l2 radius of the attack"),
     )
     common(samples)
     samples.set_defaults(run=_cmd_samples)

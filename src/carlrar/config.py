@@ -126,6 +126,21 @@ def bound_problem(key: str, value: float) -> str | None:
     return f"must be {failed[0]} (as config key {key.replace('[]', '')})" if failed else None
 
 
+def section_defaults(section: str) -> dict[str, Any]:
+    """The schema's defaults of one top-level section: what a config that leaves the section out resolves to.
+
+    Commands that also run without a config file (``attack``, ``samples``) and library functions called without
+    settings take their values from here, so the schema stays the only place a default is written.
+    """
+    schema = load_schema()
+    node = {**schema["properties"][section], "$defs": schema.get("$defs", {})}
+    instance: dict[str, Any] = {}
+    errors = list(_validator_filling_defaults(node).iter_errors(instance))  # fills the defaults as it validates
+    if errors:  # the schema's own defaults break its rules: a bug in the schema, not the user's input
+        raise ConfigError(f"the schema's defaults of '{section}' are invalid: {_error_line(errors[0])}")
+    return instance
+
+
 def resolve(raw: dict[str, Any]) -> dict[str, Any]:
     """Validate a config mapping and fill in the defaults (in place); raise ConfigError naming the key."""
     coerce_exponent_numbers(raw)
@@ -186,6 +201,34 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    """The ``analysis`` section: k-PGD attacks (Tables 4, 5) and text-form samples (Table 6).
+
+    No field has a default of its own: :meth:`defaults` reads the schema's, so the workflow, ``carlrar attack``
+    without ``--config`` and :func:`carlrar.attacks.attack_split` called without settings all attack alike.
+    """
+
+    datasets: tuple[str, ...] | None
+    epsilons: tuple[float, ...]
+    steps: int
+    step_size_ratio: float
+    batch_size: int
+    seed: int
+    samples_dataset: str | None
+    samples_epsilon: float
+
+    @classmethod
+    def from_mapping(cls, analysis: dict[str, Any]) -> AnalysisConfig:
+        """From a resolved (validated, defaults filled) ``analysis`` mapping; lists become tuples."""
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in analysis.items()})
+
+    @classmethod
+    def defaults(cls) -> AnalysisConfig:
+        """The schema's defaults: the paper's attack (SPEC 7) and samples."""
+        return cls.from_mapping(section_defaults("analysis"))
+
+
+@dataclass(frozen=True)
 class Config:
     """The resolved configuration. ``raw`` keeps the validated mapping for provenance records."""
 
@@ -195,7 +238,7 @@ class Config:
     datasets: dict[str, DatasetConfig]
     model: dict[str, Any]
     training: dict[str, Any]
-    analysis: dict[str, Any]
+    analysis: AnalysisConfig
     raw: dict[str, Any]
 
     def dataset(self, name: str) -> DatasetConfig:
@@ -227,7 +270,7 @@ def from_mapping(raw: dict[str, Any]) -> Config:
         datasets=datasets,
         model=raw["model"],
         training=raw["training"],
-        analysis=raw["analysis"],
+        analysis=AnalysisConfig.from_mapping(raw["analysis"]),
         raw=raw,
     )
 

@@ -1,5 +1,6 @@
 # Robustness analysis (SPEC 7): k-PGD on every run's evaluated split (Tables 4, 5), text-form samples from the
-# rar / carl_rar runs (Table 6), and the figures.
+# rar / carl_rar runs (Table 6), and the figures. `carlrar attack` and `carlrar samples` read their settings from
+# the analysis section of the resolved config; the fingerprint param reruns them when a setting they use changes.
 
 rule attack:
     input:
@@ -12,9 +13,8 @@ rule attack:
         run=lambda wildcards, input: str(Path(input.metrics).parent),
         data=lambda wildcards, input: str(Path(input.manifest).parent),
         out=parent_of("summary"),
-        epsilons=" ".join(str(e) for e in ANALYSIS["epsilons"]),
-        settings=f"--steps {ANALYSIS['steps']} --step-size-ratio {ANALYSIS['step_size_ratio']}"
-        f" --batch-size {ANALYSIS['batch_size']} --seed {ANALYSIS['seed']}",
+        config=RESOLVED_CONFIG,
+        fingerprint=attack_fingerprint,
     log:
         f"{LOGS}/attack/{{dataset}}/{{method}}/seed{{seed}}.log",
     benchmark:
@@ -28,8 +28,8 @@ rule attack:
         mem_mb=16000,
         runtime=120,
     shell:
-        "OMP_NUM_THREADS={threads} CARLRAR_GPU_SLOTS={resources.gpu_slots} carlrar attack --run {params.run:q} --data {params.data:q} --out {params.out:q}"
-        " --epsilons {params.epsilons} {params.settings} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} CARLRAR_GPU_SLOTS={resources.gpu_slots} carlrar attack --config {params.config:q}"
+        " --run {params.run:q} --data {params.data:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule samples:
@@ -44,8 +44,8 @@ rule samples:
         run=lambda wildcards, input: str(Path(input.metrics).parent),
         base=lambda wildcards, input: str(Path(input.base).parent),
         data=lambda wildcards, input: str(Path(input.manifest).parent),
-        settings=f"--epsilon {ANALYSIS['samples_epsilon']} --steps {ANALYSIS['steps']}"
-        f" --step-size-ratio {ANALYSIS['step_size_ratio']} --batch-size {ANALYSIS['batch_size']} --seed {ANALYSIS['seed']}",
+        config=RESOLVED_CONFIG,
+        fingerprint=samples_fingerprint,
     log:
         f"{LOGS}/samples/{{dataset}}/{{method}}/seed{{seed}}.log",
     benchmark:
@@ -59,8 +59,9 @@ rule samples:
         mem_mb=16000,
         runtime=60,
     shell:
-        "OMP_NUM_THREADS={threads} CARLRAR_GPU_SLOTS={resources.gpu_slots} carlrar samples --run {params.run:q} --base-run {params.base:q}"
-        " --data {params.data:q} --out {output.report:q} {params.settings} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} CARLRAR_GPU_SLOTS={resources.gpu_slots} carlrar samples --config {params.config:q}"
+        " --run {params.run:q} --base-run {params.base:q} --data {params.data:q} --out {output.report:q}"
+        " > {log:q} 2>&1"
 
 
 rule robustness_tables:

@@ -96,6 +96,19 @@ def train_fingerprint(wildcards):
     )
 
 
+# The analysis keys each command reads (analysis.datasets and samples_dataset only shape the grid).
+ATTACK_SETTINGS = ("epsilons", "steps", "step_size_ratio", "batch_size", "seed")
+SAMPLES_SETTINGS = ("samples_epsilon", "steps", "step_size_ratio", "batch_size", "seed")
+
+
+def attack_fingerprint(wildcards):
+    return _fingerprint({key: config["analysis"][key] for key in ATTACK_SETTINGS})
+
+
+def samples_fingerprint(wildcards):
+    return _fingerprint({key: config["analysis"][key] for key in SAMPLES_SETTINGS})
+
+
 def _write_resolved_config():
     text = "# Written by the workflow: the validated config with defaults filled in. Do not edit.\n"
     text += yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False)
