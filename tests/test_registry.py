@@ -38,3 +38,20 @@ def test_command_line_choices_are_the_registry() -> None:
 def test_every_method_that_regularises_is_adversarial() -> None:
     for name, method in METHODS.items():
         assert method.adversarial or not (method.contrastive or method.reconstruction), name
+
+
+def test_typed_config_sections_mirror_the_schema() -> None:
+    """Each typed section has exactly the schema's keys, so a key added to one cannot be missed by the other."""
+    from dataclasses import MISSING, fields
+
+    from carlrar.config import AnalysisConfig, CarlLossConfig, RarConfig
+
+    schema = load_schema()["properties"]
+    training = schema["training"]["properties"]
+    for cls, section in (
+        (CarlLossConfig, training["carl"]),
+        (RarConfig, training["rar"]),
+        (AnalysisConfig, schema["analysis"]),
+    ):
+        assert {f.name for f in fields(cls)} == set(section["properties"]), cls.__name__
+        assert all(f.default is MISSING for f in fields(cls)), f"{cls.__name__}: defaults live in the schema"

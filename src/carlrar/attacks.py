@@ -31,6 +31,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from carlrar.adversary import Batch, amp_dtype_for, autocast_context
+from carlrar.batching import EncodedSplit, batches, encode_split
+from carlrar.checkpoints import TrainedRun, load_trained_run
 from carlrar.config import AnalysisConfig, bound_problem
 from carlrar.data import read_manifest, read_split
 from carlrar.devices import select_device
@@ -277,6 +279,30 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
         frame.to_parquet(tmp, index=False)
 
 
+@dataclass
+class _Target:
+    """A finished run, loaded on the device, with the prepared split it was evaluated on, ready to attack."""
+
+    run: TrainedRun
+    frame: pd.DataFrame
+    encoded: EncodedSplit
+    pad_id: int
+    amp_dtype: torch.dtype | None
+
+
+def _load_target(run_dir: Path, data_dir: Path, manifest: dict[str, Any], device: torch.device) -> _Target:
+    """The set-up both entry points share: the run's best weights and its verified, encoded evaluation split."""
+    split = manifest["evaluation_split"]
+    run = load_trained_run(run_dir, device)
+    _check_data(run.metrics, manifest, data_dir, split, run_dir)
+    frame = read_split(data_dir, split, manifest)
+    encoded = encode_split(frame, run.tokenizer, _max_length(run.metrics, manifest))
+    if len(encoded) == 0:
+        raise CarlrarError(f"{data_dir}/{split}.parquet has no rows to attack")
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    return _Target(run, frame, encoded, pad_id, run_amp_dtype(run.metrics, device))
+
+
 def attack_split(
     run_dir: str | Path,
     data_dir: str | Path,
@@ -297,9 +323,6 @@ def attack_split(
     if not epsilons:
         raise CarlrarError("give at least one epsilon")
     _check_settings([("epsilon", "analysis.epsilons[]", e) for e in epsilons], steps, step_size_ratio, batch_size, seed)
-    from carlrar.batching import batches, encode_split
-    from carlrar.checkpoints import load_trained_run
-
     run_dir, data_dir, out_dir = Path(run_dir), Path(data_dir), Path(out_dir)
     check_output_dir(out_dir)
     recover_swaps(out_dir)
@@ -307,14 +330,8 @@ def attack_split(
     split = manifest["evaluation_split"]
     dev, lease = select_device(device)
     try:
-        run = load_trained_run(run_dir, dev)
-        _check_data(run.metrics, manifest, data_dir, split, run_dir)
-        amp_dtype = run_amp_dtype(run.metrics, dev)
-        tokenizer = run.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        encoded = encode_split(read_split(data_dir, split, manifest), tokenizer, _max_length(run.metrics, manifest))
-        if len(encoded) == 0:
-            raise CarlrarError(f"{data_dir}/{split}.parquet has no rows to attack")
+        target = _load_target(run_dir, data_dir, manifest, dev)
+        run, encoded, pad_id, amp_dtype = target.run, target.encoded, target.pad_id, target.amp_dtype
         summary: dict[str, Any] = {
             "dataset": run.metrics.get("dataset", manifest.get("dataset")),
             "method": run.metrics.get("method"),
@@ -431,30 +448,24 @@ def text_samples(
     atomically and returns it.
     """
     _check_settings([("epsilon", "analysis.samples_epsilon", epsilon)], steps, step_size_ratio, batch_size, seed)
-    from carlrar.batching import batches, encode_split
-    from carlrar.checkpoints import load_trained_run
-
     data_dir = Path(data_dir)
     check_output_file(out_path)
     manifest = read_manifest(data_dir)
     split = manifest["evaluation_split"]
     dev, lease = select_device(device)
     try:
-        rar = load_trained_run(rar_run_dir, dev)
+        target = _load_target(Path(rar_run_dir), data_dir, manifest, dev)
+        rar, frame, encoded, pad_id = target.run, target.frame, target.encoded, target.pad_id
+        amp_dtype = target.amp_dtype
         if rar.reconstructor is None:
             raise CarlrarError(f"{rar_run_dir} has no reconstructor: give a 'rar' or 'carl_rar' run")
         base = load_trained_run(base_run_dir, dev)
-        _check_data(rar.metrics, manifest, data_dir, split, Path(rar_run_dir))
         _check_data(base.metrics, manifest, data_dir, split, Path(base_run_dir))
         if rar.metrics.get("seed") != base.metrics.get("seed"):
             log.warning(
                 "the RAR run has seed %s but the base run seed %s", rar.metrics.get("seed"), base.metrics.get("seed")
             )
-        amp_dtype = run_amp_dtype(rar.metrics, dev)
         tokenizer = rar.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        frame = read_split(data_dir, split, manifest)
-        encoded = encode_split(frame, tokenizer, _max_length(rar.metrics, manifest))
         generator = torch.Generator().manual_seed(seed)
         originals: list[str] = []
         decoded: list[str] = []

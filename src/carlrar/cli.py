@@ -102,7 +102,7 @@ def _cmd_rar_warmup(args: argparse.Namespace) -> None:
     from carlrar.rar_warmup import warm_up_reconstructor
 
     config = load_config(args.config, args.set)
-    if not config.training["rar"]["warmup_steps"]:
+    if not config.rar.warmup_steps:
         logging.warning("training.rar.warmup_steps is 0: the folder holds the untouched head")
     warm_up_reconstructor(config, args.dataset, args.data, args.out, args.device)
 

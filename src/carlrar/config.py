@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -229,6 +229,32 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class CarlLossConfig:
+    """``training.carl``: CARL's loss (SPEC 4), the same for every dataset; its schedule is per dataset
+    (``datasets.<name>.carl``, :class:`CarlScheduleConfig`). Defaults come from the schema only."""
+
+    loss: Literal["nce", "infonce"]
+    temperature: float
+    momentum: float
+
+
+@dataclass(frozen=True)
+class RarConfig:
+    """``training.rar``: RAR's weight w_r (SPEC 5) and the reconstructor warm-up for backbones without an MLM
+    head. Defaults come from the schema only."""
+
+    weight: float
+    warmup_steps: int
+    warmup_learning_rate: float
+    warmup_batch_size: int
+    warmup_seed: int
+
+    def warmup_settings(self) -> dict[str, Any]:
+        """The warm-up's own settings (what a shared warm-up folder must have been made with)."""
+        return {key: value for key, value in asdict(self).items() if key.startswith("warmup_")}
+
+
+@dataclass(frozen=True)
 class Config:
     """The resolved configuration. ``raw`` keeps the validated mapping for provenance records."""
 
@@ -237,7 +263,9 @@ class Config:
     data: DataConfig
     datasets: dict[str, DatasetConfig]
     model: dict[str, Any]
-    training: dict[str, Any]
+    training: dict[str, Any]  # the whole section as validated (provenance, run identity); typed views below
+    carl: CarlLossConfig
+    rar: RarConfig
     analysis: AnalysisConfig
     raw: dict[str, Any]
 
@@ -270,6 +298,8 @@ def from_mapping(raw: dict[str, Any]) -> Config:
         datasets=datasets,
         model=raw["model"],
         training=raw["training"],
+        carl=CarlLossConfig(**raw["training"]["carl"]),
+        rar=RarConfig(**raw["training"]["rar"]),
         analysis=AnalysisConfig.from_mapping(raw["analysis"]),
         raw=raw,
     )

@@ -74,15 +74,15 @@ def build_method(
     auxiliaries: list[AuxiliaryLoss] = []
     if kind.contrastive:
         tau, bank_start = carl_schedule(ds.carl.start_step, ds.carl.start_epoch, steps_per_epoch)
-        carl = config.training["carl"]
+        carl = config.carl
         try:
             loss = CARLLoss(
                 train_labels,
                 model.config.hidden_size,
                 ds.carl.negatives,
-                temperature=carl["temperature"],
-                momentum=carl["momentum"],
-                loss=carl["loss"],
+                temperature=carl.temperature,
+                momentum=carl.momentum,
+                loss=carl.loss,
                 seed=seed,
                 collective=collective,
             )
@@ -91,5 +91,5 @@ def build_method(
         auxiliaries.append(CARLObjective(loss, start_step=tau, bank_start_step=bank_start))
     if kind.reconstruction:
         reconstructor = build_reconstructor(model, config.model["name"])
-        auxiliaries.append(RARObjective(reconstructor, weight=config.training["rar"]["weight"]))
+        auxiliaries.append(RARObjective(reconstructor, weight=config.rar.weight))
     return Method(name, freelb, auxiliaries)

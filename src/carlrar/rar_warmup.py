@@ -53,14 +53,11 @@ WARMUP_RECORD_FILE = "warmup.json"
 
 def _warmup_identity(config: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     """Everything that determines the warmed-up head: a run refuses a warm-up made from anything else."""
-    rar = config.training["rar"]
     return {
         "model": config.model["name"],
         "overrides": config.model.get("overrides") or {},
         "max_length": config.data.max_length,
-        "warmup": {
-            key: rar[key] for key in ("warmup_steps", "warmup_learning_rate", "warmup_batch_size", "warmup_seed")
-        },
+        "warmup": config.rar.warmup_settings(),
         "data": {split: manifest["splits"][split]["sha256"] for split in ("train", "dev")},
     }
 
@@ -90,10 +87,10 @@ def warm_up_reconstructor(
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     check_output_dir(out_dir, replaces=WARMUP_RECORD_FILE)
-    manifest, rar = read_manifest(data_dir), config.training["rar"]
+    manifest, rar = read_manifest(data_dir), config.rar
     device, lease = select_device(device_request)
     try:
-        set_seed(rar["warmup_seed"], deterministic=device.type == "cpu")
+        set_seed(rar.warmup_seed, deterministic=device.type == "cpu")
         model, tokenizer = load_model(
             config.model["name"], manifest["num_labels"], config.model.get("overrides") or None, "cls"
         )
@@ -112,9 +109,9 @@ def warm_up_reconstructor(
                 return token_accuracy(model, reconstructor, (b.to(device) for b in dev))
 
         started, before = time.perf_counter(), dev_accuracy()
-        steps = _warmup_batches(train_split, rar["warmup_steps"], rar["warmup_batch_size"], rar["warmup_seed"], pad_id)
-        bar = tqdm(steps, total=rar["warmup_steps"], desc=f"{dataset}/rar-warmup", unit="step", dynamic_ncols=True)
-        losses = warm_up(model, reconstructor, (b.to(device) for b in bar), rar["warmup_learning_rate"], amp_dtype)
+        steps = _warmup_batches(train_split, rar.warmup_steps, rar.warmup_batch_size, rar.warmup_seed, pad_id)
+        bar = tqdm(steps, total=rar.warmup_steps, desc=f"{dataset}/rar-warmup", unit="step", dynamic_ncols=True)
+        losses = warm_up(model, reconstructor, (b.to(device) for b in bar), rar.warmup_learning_rate, amp_dtype)
         bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
         if bad is not None:
             raise TrainingDiverged(
@@ -179,7 +176,7 @@ def warmup_source(method: str, config: Config, manifest: dict[str, Any], rar_war
 
     A shared warm-up is checked here, before the run folder is touched, so a wrong one is refused up front.
     """
-    if method not in RECONSTRUCTION_METHODS or not config.training["rar"]["warmup_steps"]:
+    if method not in RECONSTRUCTION_METHODS or not config.rar.warmup_steps:
         return None
     if rar_warmup is None:
         return "own"
@@ -214,7 +211,7 @@ def start_reconstructor(
     if "rar" not in method.modules:
         return {}
     objective = method.modules["rar"]
-    if config.training["rar"]["warmup_steps"]:
+    if config.rar.warmup_steps:
         record = _load_warmup(objective.reconstructor, rar_warmup, config, manifest)
         return {
             "before_warmup": record["dev_token_accuracy_before"],
