@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from carlrar.adversary import (
     Batch,
@@ -32,7 +32,7 @@ from carlrar.adversary import (
     amp_dtype_for,
     parameters_of,
 )
-from carlrar.batching import batches, encode_split, epoch_order, evaluate, steps_in_epoch
+from carlrar.batching import EncodedSplit, batches, encode_split, epoch_order, evaluate, steps_in_epoch
 from carlrar.checkpoints import (
     Progress,
     load_checkpoint,
@@ -59,8 +59,8 @@ from carlrar.identity import (
     prepare_run_folder,
     run_identity,
 )
-from carlrar.methods import build_method
-from carlrar.models import count_parameters, load_model
+from carlrar.methods import Method, build_method
+from carlrar.models import TextClassifier, count_parameters, load_model
 from carlrar.rar_warmup import start_reconstructor, warm_up_reconstructor, warmup_fits, warmup_source
 from carlrar.reconstruction import (
     token_accuracy,
@@ -227,6 +227,97 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds while it trains: the loop below reads and updates it."""
+
+    config: Config
+    dataset: str
+    method_name: str
+    seed: int
+    run_dir: Path
+    identity: dict[str, Any]
+    device: torch.device
+    collective: Collective
+    amp_dtype: torch.dtype | None
+    model: TextClassifier
+    tokenizer: PreTrainedTokenizerBase
+    pad_id: int
+    splits: dict[str, EncodedSplit]
+    method: Method
+    modules: dict[str, nn.Module]
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    total_steps: int
+    progress: Progress = field(default_factory=Progress)
+    last_checkpoint: int | None = None  # the step of the last checkpoint written (None: none yet)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.training["eval_batch_size"]
+
+    def dev_batches(self) -> Iterator[Batch]:
+        order = torch.arange(len(self.splits["dev"]))
+        dev = self.splits["dev"]
+        return (b.to(self.device) for b in batches(dev, order, self.eval_batch_size, self.pad_id))
+
+    def evaluate(self, split: str) -> tuple[float, Tensor]:
+        return evaluate(self.model, self.splits[split], self.eval_batch_size, self.pad_id, self.device, self.amp_dtype)
+
+    def checkpoint(self) -> None:
+        """Called on every rank: rank 0 writes the shared state and every rank's RNG."""
+        rng = {str(r): state for r, state in enumerate(self.collective.gather_objects(rng_state(self.device)))}
+        if self.collective.is_main:
+            check_finite_weights(self.modules, f"step {self.progress.step}", self.last_checkpoint)
+            self.last_checkpoint = self.progress.step
+            state = {
+                "modules": {name: module_state(module) for name, module in self.modules.items()},
+                "optimizer": optimizer_state(self.optimizer),
+                "scheduler": json.dumps(self.scheduler.state_dict()),
+                "rng": rng,
+            }
+            save_checkpoint(self.run_dir / "checkpoint", state, self.progress, self.identity)
+
+    def save_best(self) -> None:
+        check_finite_weights(self.modules, f"step {self.progress.step}", self.last_checkpoint)
+        with atomic_dir(self.run_dir / "best") as tmp:
+            save_file(
+                {
+                    f"{name}.{k}": v
+                    for name, module in self.modules.items()
+                    if any(True for _ in module.parameters())
+                    for k, v in module_state(module).items()
+                    if isinstance(v, Tensor)
+                },
+                str(tmp / "weights.safetensors"),
+            )
+            self.model.encoder.config.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+
+    def evaluate_dev(self) -> None:
+        """Dev accuracy into the history; new best weights saved; then a checkpoint (every rank takes part)."""
+        progress = self.progress
+        if self.collective.is_main:
+            accuracy, _ = self.evaluate("dev")
+            losses = progress.recent_losses
+            progress.history.append(
+                {
+                    "step": progress.step,
+                    "epoch": progress.step / self.steps_per_epoch,
+                    "dev_accuracy": accuracy,
+                    "train_loss": sum(losses) / len(losses) if losses else None,
+                }
+            )
+            log.info("step %d: dev accuracy %.4f", progress.step, accuracy)
+            if accuracy > progress.best_dev_accuracy:
+                progress.best_dev_accuracy, progress.best_step = accuracy, progress.step
+                self.save_best()
+        progress.recent_losses.clear()
+        self.checkpoint()
+
+
 def _train(
     config: Config,
     dataset: str,
@@ -242,143 +333,123 @@ def _train(
     resume: bool,
     frames: dict[str, pd.DataFrame],
 ) -> TrainResult:
+    run = _set_up(config, dataset, method_name, seed, data_dir, run_dir, manifest, device, collective, identity, frames)
+    reconstruction = (
+        start_reconstructor(run.method, run.model, config, manifest, rar_warmup, run.dev_batches)
+        if collective.is_main
+        else {}
+    )
+    if resume:
+        _resume(run)
+    _fit(run)
+    if not collective.is_main:
+        collective.barrier()
+        return TrainResult(metrics={}, run_dir=run_dir)
+    metrics = _finish(run, manifest, data_dir, reconstruction)
+    write_json(run_dir / "metrics.json", metrics)
+    collective.barrier()
+    return TrainResult(metrics=metrics, run_dir=run_dir)
+
+
+# --- set-up: model, data, method, optimizer and schedule -------------------------------------------------------
+def _set_up(
+    config: Config,
+    dataset: str,
+    method_name: str,
+    seed: int,
+    data_dir: Path,
+    run_dir: Path,
+    manifest: dict[str, Any],
+    device: torch.device,
+    collective: Collective,
+    identity: dict[str, Any],
+    frames: dict[str, pd.DataFrame],
+) -> _Run:
     from transformers import set_seed
 
     tcfg, ds = config.training, config.dataset(dataset)
-    main = collective.is_main
-    amp_dtype = amp_dtype_for(tcfg["precision"], device)
     set_seed(seed, deterministic=device.type == "cpu")  # the same initial weights on every rank
-
     model, tokenizer = load_model(
         config.model["name"], manifest["num_labels"], config.model.get("overrides") or None, config.model["pooling"]
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    max_length = config.data.max_length
-    train_split, dev_split, test_split = (encode_split(frames[s], tokenizer, max_length) for s in SPLITS)
-    if len(train_split) == 0 or len(dev_split) == 0:
-        raise CarlrarError(f"{data_dir}: train and dev must not be empty (rows: {len(train_split)}, {len(dev_split)})")
-
+    splits = {s: encode_split(frames[s], tokenizer, config.data.max_length) for s in SPLITS}
+    if len(splits["train"]) == 0 or len(splits["dev"]) == 0:
+        rows = (len(splits["train"]), len(splits["dev"]))
+        raise CarlrarError(f"{data_dir}: train and dev must not be empty (rows: {rows[0]}, {rows[1]})")
     if ds.batch_size < collective.world_size:
         raise CarlrarError(f"batch size {ds.batch_size} is smaller than the {collective.world_size} ranks sharing it")
-    steps_per_epoch = steps_in_epoch(len(train_split), ds.batch_size, collective.world_size)
+    steps_per_epoch = steps_in_epoch(len(splits["train"]), ds.batch_size, collective.world_size)
     total_steps = tcfg["max_steps"] or math.ceil(tcfg["epochs"] * steps_per_epoch)
-    method = build_method(method_name, config, dataset, model, train_split.labels, seed, steps_per_epoch, collective)
+    labels = splits["train"].labels
+    method = build_method(method_name, config, dataset, model, labels, seed, steps_per_epoch, collective)
     if collective.world_size > 1:  # distinct dropout masks and FreeLB noise per rank, reproducible per rank
         torch.manual_seed(seed * 1_000_003 + collective.rank)
     model.to(device)
     for module in method.modules.values():
         module.to(device)
-
-    def dev_batches() -> Iterator[Batch]:
-        order = torch.arange(len(dev_split))
-        return (b.to(device) for b in batches(dev_split, order, tcfg["eval_batch_size"], pad_id))
-
-    reconstruction = start_reconstructor(method, model, config, manifest, rar_warmup, dev_batches) if main else {}
     modules: dict[str, nn.Module] = {"model": model, **method.modules}
     named = {id(p): f"{mname}.{pname}" for mname, mod in modules.items() for pname, p in mod.named_parameters()}
     params = parameters_of(model, method.auxiliaries)
     optimizer = make_optimizer(params, named, tcfg["learning_rate"], tcfg["weight_decay"])
     scheduler = get_linear_schedule_with_warmup(optimizer, round(tcfg["warmup_ratio"] * total_steps), total_steps)
+    amp_dtype = amp_dtype_for(tcfg["precision"], device)
+    return _Run(
+        config, dataset, method_name, seed, run_dir, identity, device, collective, amp_dtype, model, tokenizer,
+        pad_id, splits, method, modules, params, optimizer, scheduler, steps_per_epoch, total_steps,
+    )  # fmt: skip
 
-    checkpoint_dir, best_dir = run_dir / "checkpoint", run_dir / "best"
-    progress = Progress()
-    if resume:
-        state, progress = load_checkpoint(checkpoint_dir)
-        try:
-            for mname, module in modules.items():
-                module.load_state_dict(state["modules"][mname])
-            restore_optimizer(optimizer, state["optimizer"])
-            scheduler.load_state_dict(json.loads(state["scheduler"]))
-            restore_rng(state["rng"][str(collective.rank)], device)
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            raise CarlrarError(
-                f"the checkpoint {checkpoint_dir} does not fit this run ({first_line(exc)}); {RESTART_ADVICE}"
-            ) from None
-        log.info(
-            "resumed %s at step %d (epoch %d, batch %d)",
-            run_dir,
-            progress.step,
-            progress.epoch,
-            progress.batch_in_epoch,
-        )
 
-    last_checkpoint = progress.step if resume else None
+# --- resume: this run's own checkpoint (carlrar.identity has refused any other) ----------------------------------
+def _resume(run: _Run) -> None:
+    checkpoint_dir = run.run_dir / "checkpoint"
+    state, run.progress = load_checkpoint(checkpoint_dir)
+    try:
+        for name, module in run.modules.items():
+            module.load_state_dict(state["modules"][name])
+        restore_optimizer(run.optimizer, state["optimizer"])
+        run.scheduler.load_state_dict(json.loads(state["scheduler"]))
+        restore_rng(state["rng"][str(run.collective.rank)], run.device)
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise CarlrarError(
+            f"the checkpoint {checkpoint_dir} does not fit this run ({first_line(exc)}); {RESTART_ADVICE}"
+        ) from None
+    run.last_checkpoint = run.progress.step
+    at = run.progress
+    log.info("resumed %s at step %d (epoch %d, batch %d)", run.run_dir, at.step, at.epoch, at.batch_in_epoch)
 
-    def checkpoint() -> None:
-        """Called on every rank: rank 0 writes the shared state and every rank's RNG."""
-        nonlocal last_checkpoint
-        rng = {str(r): state for r, state in enumerate(collective.gather_objects(rng_state(device)))}
-        if main:
-            check_finite_weights(modules, f"step {progress.step}", last_checkpoint)
-            last_checkpoint = progress.step
-            state = {
-                "modules": {mname: module_state(module) for mname, module in modules.items()},
-                "optimizer": optimizer_state(optimizer),
-                "scheduler": json.dumps(scheduler.state_dict()),
-                "rng": rng,
-            }
-            save_checkpoint(checkpoint_dir, state, progress, identity)
 
-    def save_best() -> None:
-        check_finite_weights(modules, f"step {progress.step}", last_checkpoint)
-        with atomic_dir(best_dir) as tmp:
-            save_file(
-                {
-                    f"{mname}.{k}": v
-                    for mname, module in modules.items()
-                    if any(True for _ in module.parameters())
-                    for k, v in module_state(module).items()
-                    if isinstance(v, Tensor)
-                },
-                str(tmp / "weights.safetensors"),
-            )
-            model.encoder.config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-
-    def run_eval() -> None:
-        if main:
-            accuracy, _ = evaluate(model, dev_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)
-            progress.history.append(
-                {
-                    "step": progress.step,
-                    "epoch": progress.step / steps_per_epoch,
-                    "dev_accuracy": accuracy,
-                    "train_loss": running_loss(),
-                }
-            )
-            log.info("step %d: dev accuracy %.4f", progress.step, accuracy)
-            if accuracy > progress.best_dev_accuracy:
-                progress.best_dev_accuracy, progress.best_step = accuracy, progress.step
-                save_best()
-        progress.recent_losses.clear()
-        checkpoint()
-
-    def running_loss() -> float | None:
-        losses = progress.recent_losses
-        return sum(losses) / len(losses) if losses else None
-
-    model.train()
+# --- the loop: one FreeLB/CARL/RAR step per batch, dev evaluation and checkpoints on schedule -------------------
+def _fit(run: _Run) -> None:
+    tcfg, progress, main = run.config.training, run.progress, run.collective.is_main
+    batch_size = run.config.dataset(run.dataset).batch_size
+    run.model.train()
     bar = tqdm(
-        total=total_steps,
+        total=run.total_steps,
         initial=progress.step,
-        desc=f"{dataset}/{method_name}/seed{seed}",
+        desc=f"{run.dataset}/{run.method_name}/seed{run.seed}",
         unit="step",
         dynamic_ncols=True,
         disable=None if main else True,
     )
     started = time.perf_counter() - progress.train_seconds
     correct = seen = 0
-    while progress.step < total_steps:
-        order = epoch_order(len(train_split), seed, progress.epoch)
-        for batch in batches(train_split, order, ds.batch_size, pad_id, progress.batch_in_epoch, collective):
-            batch = batch.to(device)
-            out = adversarial_backward(model, batch, method.freelb, method.auxiliaries, progress.step, amp_dtype)
-            collective.reduce_gradients(params, len(batch.labels))
-            grad_norm = clip_and_measure(params, tcfg["max_grad_norm"])
-            check_finite_step(out.losses, grad_norm, progress, collective, last_checkpoint, device)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    while progress.step < run.total_steps:
+        order = epoch_order(len(run.splits["train"]), run.seed, progress.epoch)
+        train_batches = batches(
+            run.splits["train"], order, batch_size, run.pad_id, progress.batch_in_epoch, run.collective
+        )
+        for batch in train_batches:
+            batch = batch.to(run.device)
+            out = adversarial_backward(
+                run.model, batch, run.method.freelb, run.method.auxiliaries, progress.step, run.amp_dtype
+            )
+            run.collective.reduce_gradients(run.params, len(batch.labels))
+            grad_norm = clip_and_measure(run.params, tcfg["max_grad_norm"])
+            check_finite_step(out.losses, grad_norm, progress, run.collective, run.last_checkpoint, run.device)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             progress.batch_in_epoch += 1
             progress.samples_seen += len(batch.labels)
@@ -392,73 +463,68 @@ def _train(
                 acc=f"{correct / seen:.3f}",
                 samples_s=f"{progress.samples_seen / max(progress.train_seconds, 1e-9):.1f}",
             )
-            end_of_epoch = progress.batch_in_epoch == steps_per_epoch
+            end_of_epoch = progress.batch_in_epoch == run.steps_per_epoch
             if end_of_epoch:
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
             if (
                 end_of_epoch
-                or progress.step == total_steps
+                or progress.step == run.total_steps
                 or (tcfg["eval_every"] and progress.step % tcfg["eval_every"] == 0)
             ):
-                run_eval()
+                run.evaluate_dev()
             elif tcfg["checkpoint_every"] and progress.step % tcfg["checkpoint_every"] == 0:
-                checkpoint()
-            if progress.step >= total_steps or end_of_epoch:
+                run.checkpoint()
+            if progress.step >= run.total_steps or end_of_epoch:
                 break
     bar.close()
-    if not main:
-        collective.barrier()
-        return TrainResult(metrics={}, run_dir=run_dir)
 
-    best = read_best_weights(best_dir / "weights.safetensors")
-    model.load_state_dict({k.removeprefix("model."): v for k, v in best.items() if k.startswith("model.")})
-    test_accuracy = (
-        evaluate(model, test_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)[0] if len(test_split) else None
-    )
+
+# --- the end: best weights on test, per-example predictions, metrics.json ------------------------------------
+def _finish(run: _Run, manifest: dict[str, Any], data_dir: Path, reconstruction: dict[str, float]) -> dict[str, Any]:
+    progress, tcfg = run.progress, run.config.training
+    best = read_best_weights(run.run_dir / "best" / "weights.safetensors")
+    run.model.load_state_dict({k.removeprefix("model."): v for k, v in best.items() if k.startswith("model.")})
+    test_accuracy = run.evaluate("test")[0] if len(run.splits["test"]) else None
     evaluated = manifest["evaluation_split"]
+    if "rar" in run.method.modules:
+        objective = run.method.modules["rar"]
+        objective.load_state_dict({k.removeprefix("rar."): v for k, v in best.items() if k.startswith("rar.")})
+        reconstruction["end"] = token_accuracy(run.model, objective.reconstructor, run.dev_batches())
     # The best weights' prediction for every example of the evaluated split: paired comparisons between methods
     # (carlrar.reporting) need per-example outcomes, not just the accuracy.
-    if "rar" in method.modules:
-        objective = method.modules["rar"]
-        objective.load_state_dict({k.removeprefix("rar."): v for k, v in best.items() if k.startswith("rar.")})
-        reconstruction["end"] = token_accuracy(model, objective.reconstructor, dev_batches())
-    eval_split = dev_split if evaluated == "dev" else test_split
-    _, predictions = evaluate(model, eval_split, tcfg["eval_batch_size"], pad_id, device, amp_dtype)
-    write_predictions(run_dir / PREDICTIONS_FILE, eval_split.labels, predictions)
-    metrics = {
-        "dataset": dataset,
-        "method": method_name,
-        "seed": seed,
-        "run_fingerprint": fingerprint(identity),
+    _, predictions = run.evaluate(evaluated)
+    write_predictions(run.run_dir / PREDICTIONS_FILE, run.splits[evaluated].labels, predictions)
+    return {
+        "dataset": run.dataset,
+        "method": run.method_name,
+        "seed": run.seed,
+        "run_fingerprint": fingerprint(run.identity),
         "evaluated_split": evaluated,
         "dev_accuracy": progress.best_dev_accuracy,
         "test_accuracy": test_accuracy,
         "eval_accuracy": progress.best_dev_accuracy if evaluated == "dev" else test_accuracy,
         "best_step": progress.best_step,
-        "params": count_parameters(nn.ModuleList(list(modules.values()))),
+        "params": count_parameters(nn.ModuleList(list(run.modules.values()))),
         "steps": progress.step,
-        "epochs": progress.step / steps_per_epoch,
+        "epochs": progress.step / run.steps_per_epoch,
         "train_seconds": progress.train_seconds,
         "samples_per_second": progress.samples_seen / max(progress.train_seconds, 1e-9),
-        "device": str(device),
-        "world_size": collective.world_size,
+        "device": str(run.device),
+        "world_size": run.collective.world_size,
         "history": progress.history,
         "predictions": PREDICTIONS_FILE,
         "reconstruction_dev_token_accuracy": reconstruction or None,
         "config": {
-            "model": config.model,
-            "data": config.raw["data"],
+            "model": run.config.model,
+            "data": run.config.raw["data"],
             "training": tcfg,
-            "dataset": config.raw["datasets"][dataset],
+            "dataset": run.config.raw["datasets"][run.dataset],
         },
         "versions": library_versions(),
         "data": {
             "manifest_sha256": sha256_file(data_dir / "manifest.json"),
             "splits": {s: info["sha256"] for s, info in manifest["splits"].items()},
         },
-        "run_identity": identity,
+        "run_identity": run.identity,
     }
-    write_json(run_dir / "metrics.json", metrics)
-    collective.barrier()
-    return TrainResult(metrics=metrics, run_dir=run_dir)
