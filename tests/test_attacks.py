@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import TINY_BERT, tiny_config
+from helpers.configs import tiny_config
+from helpers.models import TINY_BERT
 
 from carlrar import attacks
 from carlrar.adversary import Batch, amp_dtype_for, autocast_context
