@@ -14,11 +14,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: no network here
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.models import RANDOM_ALBERT, RANDOM_MINILM
+from helpers.models import TINY_BERT as TINY_BERT_WITHOUT_DROPOUT
 from torch import Tensor, nn
 from torch.testing import assert_close
 
@@ -28,11 +29,8 @@ from carlrar.contrastive import CARLLoss, CARLObjective
 from carlrar.models import ClassifierOutput, TextClassifier, load_model
 from carlrar.reconstruction import RARObjective, build_reconstructor, reconstruction_loss
 
-SHARED = Path(os.environ.get("CARLRAR_SHARED", Path(__file__).parents[1].parent / "shared"))
-RANDOM_ALBERT = f"random:{SHARED / 'albert'}"
-RANDOM_MINILM = "random:minilm-l6"
 DROPOUT = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, **DROPOUT}
+TINY_BERT = {**TINY_BERT_WITHOUT_DROPOUT, **DROPOUT}
 TINY_ALBERT = {**TINY_BERT, "embedding_size": 16}  # FreeLB perturbs the 16-dim lookup, before the 16->32 projection
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 # L_D's logits are x1.x2 / 0.07 and its exp: summation-order rounding grows to ~2e-5 relative there, and on some

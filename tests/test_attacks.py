@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from tiny import TINY_BERT, tiny_config
+from helpers.configs import tiny_config
+from helpers.models import TINY_BERT
 
 from carlrar import attacks
 from carlrar.adversary import Batch, amp_dtype_for, autocast_context

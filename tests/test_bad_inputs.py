@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers.configs import tiny_config
 from safetensors.torch import load_file, save_file
-from tiny import tiny_config
 
 from carlrar import training
 from carlrar.cli import main

@@ -9,6 +9,8 @@ import textwrap
 from pathlib import Path
 
 import torch
+import yaml
+from helpers.configs import tiny_config
 
 from carlrar.contrastive import CARLLoss
 
@@ -88,26 +90,12 @@ def test_torchrun_trains_with_two_cpu_ranks(tmp_path: Path) -> None:
     rows = [f"a {'good' if i % 2 else 'bad'} film number {i} \t{i % 2}" for i in range(24)]
     (raw / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     (raw / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:8]) + "\n")
+    # the tiny config with smoke.yaml's CARL schedule (from epoch 2, 4 negatives), data seed 1, a learning rate
+    # of 1e-3, and the schema's run name and evaluation batch size
+    carl = {"start_epoch": 2, "negatives": 4}
+    changes = {"run_name": "run", "data": {"seed": 1}, "datasets": {"sst2": {"carl": carl}}}
     config = tmp_path / "config.yaml"
-    config.write_text(
-        textwrap.dedent(
-            """
-        data: {seed: 1, max_length: 16}
-        model:
-          name: random:minilm-l6
-          overrides: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}
-        training: {epochs: 3, eval_every: 0, learning_rate: 1.0e-3}
-        datasets:
-          sst2:
-            per_class: {train: all, dev: all, test: 0}
-            dev_source: official
-            evaluate: dev
-            batch_size: 8
-            freelb: {init_mag: 0.6, adv_lr: 0.1, adv_max_norm: 0.0, adv_steps: 2}
-            carl: {start_epoch: 2, negatives: 4}
-        """
-        )
-    )
+    config.write_text(yaml.safe_dump(tiny_config(changes, learning_rate=1e-3, eval_batch_size=128)))
     from carlrar.cli import main
 
     assert (

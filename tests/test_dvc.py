@@ -19,15 +19,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.paths import BIN, ROOT
+from helpers.snakemake import copy_workflow, snakemake
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+DVC_ENV = {"DVC_NO_ANALYTICS": "1"}
 STAGE_HELPER = ROOT / "workflow" / "scripts" / "dvc_stage.py"
 RAW_PLACEHOLDER = Path("data/raw/README.md")
 
 
 def env() -> dict[str, str]:
-    result = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
+    result = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **DVC_ENV}
     result.pop("SNAKEMAKE_PROFILE", None)
     return result
 
@@ -48,24 +49,12 @@ def dvc(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProces
     return run(*command, *args, cwd=cwd, timeout=timeout)
 
 
-def snakemake(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    exe = BIN / "snakemake"
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "snakemake"]
-    return run(*command, *args, cwd=cwd, timeout=timeout)
-
-
 def make_repo(dest: Path, params: dict) -> Path:
     """A git + DVC repository holding the workflow, dvc.yaml and the given params.yaml."""
     dest.mkdir()
-    for name in ("Snakefile", "workflow", "config", "profiles", "dvc.yaml", ".dvcignore", ".gitignore"):
-        source = ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest / name)
-    (dest / RAW_PLACEHOLDER).parent.mkdir(parents=True)  # what a fresh clone has of data/raw: the README only
-    shutil.copy2(ROOT / RAW_PLACEHOLDER, dest / RAW_PLACEHOLDER)
-    # the stages depend on the package's sources (the workflow runs the installed package, with the same code)
-    shutil.copytree(
-        ROOT / "src" / "carlrar", dest / "src" / "carlrar", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-    )
+    # what a fresh clone has of data/raw: the README only; the stages depend on the package's sources (the
+    # workflow runs the installed package, with the same code)
+    copy_workflow(dest, extra=("profiles", "dvc.yaml", ".dvcignore", ".gitignore", str(RAW_PLACEHOLDER), "src/carlrar"))
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (
         ["git", "init", "-q"],
@@ -397,6 +386,6 @@ def test_dvc_repro_builds_the_smoke_tables_then_is_up_to_date(tmp_path: Path, ra
     touch = run(sys.executable, "workflow/scripts/dvc_stage.py", "snakemake", "--touch", cwd=clone, timeout=300)
     assert touch.returncode == 0, touch.stderr[-3000:]
     args = ("--profile", "profiles/quick", "--configfile", "config/smoke.yaml", "--replace-workflow-config")
-    plan = snakemake("-n", *args, "--config", f"raw_dir={raw_dir}", cwd=clone)
+    plan = snakemake("-n", *args, "--config", f"raw_dir={raw_dir}", cwd=clone, timeout=300, env=DVC_ENV)
     assert plan.returncode == 0 and "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout[-3000:]
     assert "Data and pipelines are up to date" in dvc("status", cwd=clone).stdout

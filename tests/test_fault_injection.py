@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers.configs import tiny_config
 from safetensors.torch import load_file
-from tiny import tiny_config
 
 from carlrar import checkpoints, rar_warmup, training
 from carlrar.config import from_mapping

@@ -5,25 +5,19 @@ Fast: the selection runs on synthetic metrics files and the workflow is only pla
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from helpers.configs import smoke_config
+from helpers.paths import ROOT
+from helpers.snakemake import job_counts, snakemake
 
 from carlrar.cli import main
 from carlrar.config import ConfigError, FreeLBConfig, from_mapping, load_config
 from carlrar.hpsearch import HPSearchError, Trial, check_grid, grid_trials, select, write_selection
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SMOKE = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
 
 
 # --- the grid -----------------------------------------------------------------------------------------------------
@@ -145,7 +139,7 @@ def test_selection_files_merge_into_a_valid_config(trial_metrics: list[Path], tm
     assert "# sst2: trial g0-a0.1-e0-n3, dev accuracy 88.00 %" in (out / "freelb_best.yaml").read_text()
 
     # merged over the smoke config as Snakemake merges --configfile files: the result validates and applies
-    merged = copy.deepcopy(SMOKE)
+    merged = smoke_config()
     for name, section in yaml.safe_load((out / "sst2" / "best.yaml").read_text())["datasets"].items():
         merged["datasets"][name]["freelb"].update(section["freelb"])
     config = from_mapping(merged)
@@ -185,17 +179,8 @@ def test_select_refuses_mixed_methods_and_incomplete_files(tmp_path: Path) -> No
 
 
 # --- the workflow ---------------------------------------------------------------------------------------------------
-def snakemake(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = BIN / "snakemake"
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "snakemake"]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run(
-        [*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-
-
 def _search_config(tmp_path: Path, grid: dict) -> Path:
-    config = copy.deepcopy(SMOKE)
+    config = smoke_config()
     config["run_name"] = "hpsearch_test"
     config["datasets"]["ag_news"] = {"per_class": {"train": 8, "dev": 4, "test": 4}, "batch_size": 4}
     config["hpsearch"] = {"seeds": [1, 3], "epochs": 1, "grid": grid}  # seed 3 is not among training.seeds
@@ -221,9 +206,7 @@ def test_dry_run_plans_one_training_job_per_dataset_trial_and_seed(tmp_path: Pat
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
 
-    table = output[output.index("Job stats:") :]
-    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M)}
-    assert counts == {"prepare": 2, "hpsearch_train": 16, "hpsearch_select": 1, "hpsearch": 1, "total": 20}
+    assert job_counts(output) == {"prepare": 2, "hpsearch_train": 16, "hpsearch_select": 1, "hpsearch": 1, "total": 20}
 
     trials = grid_trials({"grid": grid})
     assert [t.id for t in trials] == ["g0-a0.05-e0-n2", "g0-a0.05-e0-n3", "g0.4-a0.05-e0-n2", "g0.4-a0.05-e0-n3"]

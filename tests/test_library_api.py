@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import torch
+from helpers.models import TINY_BERT
 
 import carlrar
 
 
 def test_readme_loop_trains_with_freelb_carl_and_rar() -> None:
     torch.manual_seed(0)
-    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     # --- as in README.md "Use the library in your own loop" ---
-    model, tokenizer = carlrar.load_model("random:minilm-l6", num_labels=2, overrides=tiny)
+    model, tokenizer = carlrar.load_model("random:minilm-l6", num_labels=2, overrides=TINY_BERT)
     texts = ["a good film", "a bad film", "good acting", "bad plot", "so good", "so bad"] * 2
     train_labels = torch.tensor([1, 0] * 6)
     freelb = carlrar.FreeLB(carlrar.FreeLBConfig(init_mag=0.6, adv_lr=0.1, adv_max_norm=0.0, adv_steps=2))

@@ -11,8 +11,9 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from helpers.models import TINY_ALBERT, TINY_BERT
+from helpers.paths import SHARED
 from safetensors.torch import load_file
-from tiny import SHARED, TINY_ALBERT, TINY_BERT
 from torch import nn
 from transformers import AlbertModel
 

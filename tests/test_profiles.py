@@ -16,57 +16,23 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.paths import ROOT
+from helpers.snakemake import copy_workflow, job_counts, job_resources, snakemake
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 PROFILES = ROOT / "profiles"
 MACHINE_PROFILES = ("gpu", "quick", "slurm")
 SMOKE_JOBS = {"prepare": 1, "train": 4, "table2": 1, "table7": 1, "all": 1}
-
-
-def snakemake(
-    *args: str, cwd: Path = ROOT, timeout: int = 120, path_prefix: str = "", env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    exe = BIN / "snakemake"
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "snakemake"]
-    env = {**os.environ, **(env or {}), "PATH": f"{path_prefix}{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("SNAKEMAKE_PROFILE", None)  # a profile from the caller's environment would change the plans
-    return subprocess.run(
-        [*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
 def load_profile(name: str) -> dict:
     data = yaml.safe_load((PROFILES / name / "config.yaml").read_text(encoding="utf-8"))
     assert isinstance(data, dict), name
     return data
-
-
-def job_counts(output: str) -> dict[str, int]:
-    table = output[output.index("Job stats:") :]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M)}
-
-
-def job_resources(output: str, rule: str) -> set[str]:
-    """The `resources:` line of every planned job of ``rule`` in a dry run."""
-    found = set()
-    for block in re.split(r"\n(?:local)?(?:rule|checkpoint) ", output)[1:]:
-        if block.startswith(f"{rule}:"):
-            found.add(re.search(r"^\s+resources: (.*)$", block, flags=re.M).group(1))
-    return found
-
-
-def copy_workflow(dest: Path) -> None:
-    for name in ("Snakefile", "workflow", "config", "profiles"):
-        source = ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest / name)
 
 
 # --- the profile files -----------------------------------------------------------------------------------------
@@ -210,7 +176,7 @@ def test_slurm_profile_submits_gpu_and_cpu_jobs(tmp_path: Path, raw_dir: Path) -
     """sbatch gets --gpus=1, --cpus-per-gpu, --mem, -t, -p, -A for training and a CPU request for prepare."""
     work = tmp_path / "work"
     work.mkdir()
-    copy_workflow(work)
+    copy_workflow(work, extra=("profiles",))
     profile = work / "profiles/slurm/config.yaml"  # fill the placeholders as a user would
     text = profile.read_text()
     for placeholder, value in (
@@ -281,7 +247,7 @@ def test_slurm_profile_submits_gpu_and_cpu_jobs(tmp_path: Path, raw_dir: Path) -
 @pytest.mark.slow
 def test_quick_profile_runs_the_smoke_workflow_and_the_report_builds(tmp_path: Path, raw_dir: Path) -> None:
     pytest.importorskip("pygments")  # snakemake --report needs it
-    copy_workflow(tmp_path)
+    copy_workflow(tmp_path, extra=("profiles",))
     args = (
         "--profile",
         "profiles/quick",

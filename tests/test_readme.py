@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.paths import ROOT
+
 SCRIPT = ROOT / "workflow" / "scripts" / "sync_readme.py"
 
 

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import RANDOM_ALBERT, TINY_ALBERT, TINY_BERT
+from helpers.models import RANDOM_ALBERT, TINY_ALBERT, TINY_BERT
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 

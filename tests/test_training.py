@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers.configs import tiny_config
 from safetensors.torch import load_file
-from tiny import tiny_config
 
 from carlrar import training
 from carlrar.checkpoints import load_trained_run

@@ -1,7 +1,6 @@
 """The Snakemake workflow: the planned DAG for the paper's grid, config validation, and a tiny real run.
 
-Snakemake 9 has no Python API to call (``snakemake.snakemake()`` is gone), so every test runs the command line
-in a subprocess, with the virtual environment's ``bin`` first on PATH so that rules find ``carlrar``.
+Every test runs the command line in a subprocess (helpers.snakemake: Snakemake 9 has no Python API to call).
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,36 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers.configs import smoke_config
+from helpers.paths import ROOT
+from helpers.snakemake import copy_workflow, job_counts, planned_wildcards, snakemake
 
 from carlrar.config import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    exe = BIN / "snakemake"
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "snakemake"]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run(
-        [*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The 'Job stats' table of a (dry) run: rule name -> number of jobs."""
-    table = output[output.index("Job stats:") :]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M)}
-
-
-def planned_wildcards(output: str, rule: str) -> set[tuple[str, ...]]:
-    """The wildcard values of every planned job of ``rule`` in a dry run's job listing."""
-    found = set()
-    for block in re.split(r"\n(?:local)?(?:rule|checkpoint) ", output)[1:]:
-        if block.startswith(f"{rule}:"):
-            match = re.search(r"^\s+wildcards: (.*)$", block, flags=re.M)
-            found.add(tuple(part.split("=", 1)[1] for part in match.group(1).split(", ")))
-    return found
 
 
 def test_paper_config_plans_the_full_grid(raw_dir: Path, paper_config_path: Path) -> None:
@@ -180,7 +153,7 @@ def test_smoke_config_is_valid() -> None:
     ],
 )
 def test_invalid_config_fails_naming_the_key(tmp_path: Path, change: dict, message: str) -> None:
-    config = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    config = smoke_config()
     if "datasets" in change:
         config["datasets"] = change["datasets"]
     else:
@@ -196,9 +169,7 @@ def test_invalid_config_fails_naming_the_key(tmp_path: Path, change: dict, messa
 
 def test_smoke_dag_runs_end_to_end(tmp_path: Path, raw_dir: Path) -> None:
     """The whole DAG for real on a tiny config: prepare -> 4 training runs -> Table 2, then nothing to redo."""
-    for name in ("Snakefile", "workflow", "config"):
-        source = ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp_path / name)
+    copy_workflow(tmp_path)
     args = ("--configfile", "config/smoke.yaml", "--replace-workflow-config", "--config", f"raw_dir={raw_dir}")
 
     # one thread per training run, so the four tiny runs go in parallel (their time is mostly start-up)
@@ -296,9 +267,7 @@ def test_train_job_resumes_its_own_checkpoint_and_restarts_on_changed_params(tmp
     """A preempted job (same params) resumes its checkpoint; after a config edit the rerun starts from step 0."""
     from carlrar.training import train
 
-    for name in ("Snakefile", "workflow", "config"):
-        source = ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp_path / name)
+    copy_workflow(tmp_path)
     run = tmp_path / "results/smoke/runs/sst2/base/seed1"
     target = "results/smoke/runs/sst2/base/seed1/metrics.json"
     args = (
@@ -396,12 +365,7 @@ def test_rule_environment_installs_this_package_with_the_pinned_torch() -> None:
 
 def test_workflow_parses_without_the_package_installed(tmp_path: Path, raw_dir: Path) -> None:
     """Snakemake's own Python may lack carlrar (--sdm conda): parsing falls back to the repository's src/."""
-    for name in ("Snakefile", "workflow", "config", "profiles"):
-        source = ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp_path / name)
-    shutil.copytree(
-        ROOT / "src" / "carlrar", tmp_path / "src" / "carlrar", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    copy_workflow(tmp_path, extra=("profiles", "src/carlrar"))
     # the package hidden, and the libraries it needs but Snakemake does not: parsing must not import them
     hide_package = (
         "import sys, pathlib; sys.path[:] = [p for p in sys.path if not (pathlib.Path(p) / 'carlrar').is_dir()];"
