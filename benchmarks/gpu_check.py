@@ -728,9 +728,9 @@ def attack(ctx: Context, spec: ModelSpec, shape: Shape) -> dict[str, Any]:
     analysis = ctx.config.analysis
     transformers.set_seed(ctx.args.seed)
     model = spec.build(shape.num_labels).to(ctx.device)
-    size = TINY["attack_batch"] if ctx.args.tiny else analysis["batch_size"]
-    steps = TINY["attack_steps"] if ctx.args.tiny else analysis["steps"]
-    epsilon = max(analysis["epsilons"])
+    size = TINY["attack_batch"] if ctx.args.tiny else analysis.batch_size
+    steps = TINY["attack_steps"] if ctx.args.tiny else analysis.steps
+    epsilon = max(analysis.epsilons)
     batch = random_batch(model.config.vocab_size, size, shape.seq_len, shape.num_labels, ctx.args.seed)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -741,7 +741,7 @@ def attack(ctx: Context, spec: ModelSpec, shape: Shape) -> dict[str, Any]:
         steps,
         ctx.args.attack_repeats,
         ctx.amp,
-        analysis["step_size_ratio"] * epsilon,
+        analysis.step_size_ratio * epsilon,
     )
     return {
         "batch_size": size,

@@ -106,7 +106,7 @@ def test_dropout_check_fails_when_passes_draw_fresh_masks(
 def test_resume_check_fails_when_the_optimizer_state_is_not_restored(
     gpu_check: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gpu_check, "_restore_optimizer", lambda optimizer, state: None)
+    monkeypatch.setattr(gpu_check, "restore_optimizer", lambda optimizer, state: None)
     out = tmp_path / "g.json"
     args = ["--device", "cpu", "--tiny", "--models", "albert", "--methods", "base", "--out", str(out)]
     assert gpu_check.main([*args, "--skip", "dropout,throughput,attack"]) == 1
