@@ -8,6 +8,7 @@ active (train mode, dropout 0.1 in the encoder), so a pass with other dropout ma
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -23,7 +24,7 @@ from helpers.models import TINY_BERT as TINY_BERT_WITHOUT_DROPOUT
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from carlrar.adversary import Batch, FreeLB, adversarial_backward
+from carlrar.adversary import Batch, FreeLB, Views, _RngSnapshot, adversarial_backward, autocast_context
 from carlrar.config import FreeLBConfig
 from carlrar.contrastive import CARLLoss, CARLObjective
 from carlrar.models import ClassifierOutput, TextClassifier, load_model
@@ -400,9 +401,9 @@ def test_base_is_one_plain_backward(model: TextClassifier) -> None:
 # --- CARL and RAR on the last pass ---------------------------------------------------------------------------
 
 
-def filled_carl(dim: int) -> CARLLoss:
+def filled_carl(dim: int, loss: str = "nce") -> CARLLoss:
     """A CARL loss over the 12 rows, banks written for every row (the same for every call)."""
-    carl = CARLLoss(DATASET_LABELS, dim, negatives=3, seed=7)
+    carl = CARLLoss(DATASET_LABELS, dim, negatives=3, seed=7, loss=loss)
     generator = torch.Generator().manual_seed(3)
     rows = torch.arange(len(DATASET_LABELS))
     carl.update_banks(
@@ -417,7 +418,7 @@ def bert_rar(bert: TextClassifier) -> RARObjective:
     return RARObjective(build_reconstructor(bert, RANDOM_MINILM), weight=0.1)
 
 
-@pytest.mark.parametrize("hp", [SST2, L2_PROJECTED], ids=["sst2", "l2-ball"])
+@pytest.mark.parametrize("hp", [SST2, L2_PROJECTED, YAHOO], ids=["sst2", "l2-ball", "zero-init"])
 def test_carl_and_rar_join_the_last_pass(bert: TextClassifier, bert_rar: RARObjective, hp: tuple) -> None:
     batch = make_batch(bert.config.vocab_size)
     dim = bert.config.hidden_size
@@ -470,4 +471,215 @@ def test_carl_contributes_nothing_before_tau(bert: TextClassifier) -> None:
     untouched[rows] = False
     assert torch.equal(loss.bank_orig.rows[untouched], before[0][untouched])
     assert torch.equal(loss.bank_adv.rows[untouched], before[1][untouched])
+    zero_grads(bert)
+
+
+# --- the clean view: the first pass at zero init, no graph in the bank window -----------------------------------
+
+
+def separate_clean_pass_step(
+    model: TextClassifier,
+    batch: Batch,
+    fl: FreeLB,
+    auxiliaries: list,
+    step: int,
+    amp_dtype: torch.dtype | None = None,
+    clean_graph: bool = True,
+) -> dict[str, float]:
+    """The composition before the clean view was reused (commit 573fc19), kept as the reference: a separate clean
+    pass, always with a graph, then the K passes; the auxiliary losses join the K-th pass's backward.
+    ``clean_graph=False`` stops the gradient at the clean view (a wrong composition, for the tests' teeth)."""
+    device = batch.input_ids.device
+    mask = batch.attention_mask
+    with torch.no_grad():
+        delta = fl.initial_delta(model.embed(batch.input_ids), mask)
+    rng = _RngSnapshot(device)
+    clean, views, ce = None, None, torch.zeros(())
+    losses: dict[str, float] = {}
+    if any(aux.wants_clean_view(step) for aux in auxiliaries):
+        rng.restore()
+        with torch.set_grad_enabled(clean_graph), autocast_context(device, amp_dtype):
+            clean = model(inputs_embeds=model.embed(batch.input_ids), attention_mask=mask)
+    for t in range(fl.passes):
+        rng.restore()
+        delta.requires_grad_()
+        with autocast_context(device, amp_dtype):
+            out = model(inputs_embeds=model.embed(batch.input_ids) + delta, attention_mask=mask)
+        loss = F.cross_entropy(out.logits.float(), batch.labels) / fl.passes
+        ce += loss.detach()
+        if t == fl.passes - 1:
+            views = Views(batch=batch, adversarial=out, clean=clean)
+            for aux in auxiliaries:
+                with autocast_context(device, amp_dtype):
+                    extra = aux.loss(views, step)
+                if extra is not None:
+                    loss = loss + extra
+                    losses[aux.name] = float(extra.detach())
+        loss.backward()
+        if t < fl.passes - 1:
+            delta = fl.ascend(delta, delta.grad, mask)
+    assert views is not None
+    for aux in auxiliaries:
+        aux.after_backward(views, step)
+    return {"ce": ce.item(), **losses}
+
+
+class CountForwards:
+    """Counts the model's forward passes during a ``with`` block."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.calls = model, 0
+
+    def __enter__(self) -> CountForwards:
+        self.handle = self.model.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def carl_state(objective: CARLObjective) -> dict[str, Tensor]:
+    """Banks, filled flags, Z and the sampler's RNG: everything a step writes into CARL's state."""
+    state = {k: v.clone() for k, v in objective.contrast.state_dict().items() if isinstance(v, Tensor)}
+    return state | {"sampler_rng": objective.contrast.sampler.generator.get_state()}
+
+
+def one_step(
+    composition: Callable[..., object],
+    model: TextClassifier,
+    batch: Batch,
+    hp: tuple,
+    auxiliaries: list,
+    step: int,
+    params: dict[str, nn.Parameter],
+    amp_dtype: torch.dtype | None = None,
+) -> dict:
+    """One step from a fixed seed: the parameter gradients, loss values, CARL state, RNG after it, passes run."""
+    zero_grads(*[m for m in [model, *auxiliaries] if isinstance(m, nn.Module)])
+    torch.manual_seed(41)
+    with CountForwards(model) as counter:
+        out = composition(model, batch, freelb(*hp), auxiliaries, step, amp_dtype=amp_dtype)
+    losses = out.losses if hasattr(out, "losses") else out
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+    carl = next(a for a in auxiliaries if isinstance(a, CARLObjective))
+    return {
+        "grads": grads,
+        "losses": losses,
+        "carl": carl_state(carl),
+        "rng": torch.get_rng_state(),
+        "forwards": counter.calls,
+    }
+
+
+def objectives(model: TextClassifier, rar: RARObjective | None, loss: str, tau: int) -> list:
+    carl = CARLObjective(filled_carl(model.config.hidden_size, loss), start_step=tau, bank_start_step=0)
+    return [carl] if rar is None else [carl, rar]
+
+
+def relative_difference(got: dict[str, Tensor], expected: dict[str, Tensor]) -> float:
+    """|got - expected| / |expected| over all parameters together (Frobenius norms)."""
+    num = sum(float((got[n] - expected[n]).double().norm() ** 2) for n in expected)
+    den = sum(float(expected[n].double().norm() ** 2) for n in expected)
+    return math.sqrt(num / den)
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", ["carl", "carl_rar"])
+@pytest.mark.parametrize("loss", ["nce", "infonce"])
+def test_zero_init_reuses_the_first_pass_with_the_same_gradients(
+    bert: TextClassifier, bert_rar: RARObjective, loss: str, method: str, amp: torch.dtype | None
+) -> None:
+    """init_mag = 0 (Yahoo!/AG's News, K = 3): pass 1 is the clean view; L_D and pass 1's CE join the last
+    backward. Parameter gradients, loss values, the banks and the RNG after the step equal the separate clean pass's.
+
+    bf16 rounds every activation and gradient to 8 mantissa bits, and the reused pass sums its two gradients
+    (CE and L_D) before that rounding, the separate pass after it; so under bf16 the reused composition must be as
+    close to the fp32 gradient as the separate pass is (measured: 1.69e-2 and 1.74e-2 relative for NCE).
+    """
+    batch = make_batch(bert.config.vocab_size)
+    rar = bert_rar if method == "carl_rar" else None
+    params = unique_parameters(bert, *([rar] if rar else []))
+
+    def run(composition: Callable[..., object], dtype: torch.dtype | None = amp) -> dict:
+        return one_step(composition, bert, batch, YAHOO, objectives(bert, rar, loss, 0), 0, params, dtype)
+
+    new, ref = run(adversarial_backward), run(separate_clean_pass_step)
+    assert (new["forwards"], ref["forwards"]) == (3, 4)  # the extra clean pass is gone
+    assert set(new["losses"]) == {"ce", *ref["losses"]} and "carl" in ref["losses"]
+    for key, value in ref["losses"].items():
+        assert new["losses"][key] == pytest.approx(value, rel=1e-5), key
+    noise = relative_difference(new["grads"], ref["grads"])
+    if amp is None:
+        assert_grads_equal(params, ref["grads"], CARL_TOL)
+    else:
+        exact = run(separate_clean_pass_step, None)["grads"]
+        assert relative_difference(new["grads"], exact) < 1.1 * relative_difference(ref["grads"], exact) + 1e-4
+        assert noise < 2e-2
+    assert torch.equal(new["carl"]["bank_orig.rows"], ref["carl"]["bank_orig.rows"])  # pass 1 = the clean pass
+    assert_close(new["carl"]["bank_adv.rows"], ref["carl"]["bank_adv.rows"], **TOL)
+    for key in ("z_a", "z_o"):
+        assert_close(new["carl"][key], ref["carl"][key], rtol=1e-5, atol=0)
+    assert torch.equal(new["carl"]["sampler_rng"], ref["carl"]["sampler_rng"])
+    assert torch.equal(new["rng"], ref["rng"])  # the next step draws the same delta0 and dropout masks
+    # teeth: stopping L_D's gradient at the clean view (the path pass 1's kept graph carries) is far outside
+    wrong = run(functools.partial(separate_clean_pass_step, clean_graph=False))
+    assert relative_difference(wrong["grads"], ref["grads"]) > 10 * noise
+    zero_grads(bert, *([rar] if rar else []))
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("hp", [SST2, YAHOO], ids=["sst2", "zero-init"])
+def test_bank_window_writes_the_same_banks_without_a_clean_graph(
+    bert: TextClassifier, bert_rar: RARObjective, hp: tuple, amp: torch.dtype | None
+) -> None:
+    """Before tau the clean view only feeds the banks: computed under no_grad (SST-2) or taken from pass 1
+    (zero init), it leaves banks, parameter gradients and the RNG bit for bit as the separate clean pass did."""
+    batch = make_batch(bert.config.vocab_size)
+    params = unique_parameters(bert, bert_rar)
+    seen: list[ClassifierOutput] = []
+    carl, _ = auxiliaries = objectives(bert, bert_rar, "nce", tau=5)
+    carl.after_backward = lambda views, step, real=carl.after_backward: (seen.append(views.clean), real(views, step))
+    new = one_step(adversarial_backward, bert, batch, hp, auxiliaries, 2, params, amp)
+    ref = one_step(separate_clean_pass_step, bert, batch, hp, objectives(bert, bert_rar, "nce", tau=5), 2, params, amp)
+
+    k = hp[3]
+    assert (new["forwards"], ref["forwards"]) == (k + 1 if hp[0] > 0 else k, k + 1)
+    assert not seen[0].sentence.requires_grad and seen[0].sentence.grad_fn is None  # no graph was built
+    assert set(new["losses"]) == {"ce", "rar"} and new["losses"] == ref["losses"]
+    for name in params:
+        assert torch.equal(new["grads"][name], ref["grads"][name]), name
+    assert new["carl"].keys() == ref["carl"].keys()
+    for key in new["carl"]:
+        assert torch.equal(new["carl"][key], ref["carl"][key]), key
+    assert torch.equal(new["rng"], ref["rng"])
+    zero_grads(bert, bert_rar)
+
+
+class CleanSimilarity:
+    """A user's auxiliary loss with no ``clean_view_needs_grad``: it must get a clean view with a graph."""
+
+    name = "similar"
+
+    def wants_clean_view(self, step: int) -> bool:
+        return True
+
+    def loss(self, views: Views, step: int) -> Tensor:
+        return (views.clean.sentence - views.adversarial.sentence.detach()).pow(2).mean()
+
+    def after_backward(self, views: Views, step: int) -> None:
+        return None
+
+
+@pytest.mark.parametrize("hp", [SST2, YAHOO], ids=["sst2", "zero-init"])
+def test_an_auxiliary_without_clean_view_needs_grad_gets_a_graph(bert: TextClassifier, hp: tuple) -> None:
+    batch = make_batch(bert.config.vocab_size)
+    params = unique_parameters(bert)
+    results = []
+    for composition in (adversarial_backward, separate_clean_pass_step):
+        zero_grads(bert)
+        torch.manual_seed(43)
+        composition(bert, batch, freelb(*hp), [CleanSimilarity()], 0)
+        results.append({n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()})
+    for name in params:
+        assert_close(results[0][name], results[1][name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
     zero_grads(bert)

@@ -139,11 +139,17 @@ class _Killed(Exception):
     """Stands for the process being killed."""
 
 
-@pytest.mark.parametrize("method", ["base", "freelb", "carl", "rar"])
+@pytest.mark.parametrize(
+    ("method", "init_mag"),
+    [("base", 0.6), ("freelb", 0.6), ("carl", 0.6), ("rar", 0.6), ("carl", 0.0)],
+    ids=["base", "freelb", "carl", "rar", "carl-zero-init"],  # zero init: pass 1 is CARL's clean view
+)
 def test_killed_run_resumes_to_identical_metrics(
-    tmp_path: Path, learnable_data: Path, method: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, learnable_data: Path, method: str, init_mag: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = from_mapping(tiny_config(checkpoint_every=3, epochs=3))
+    mapping = tiny_config(checkpoint_every=3, epochs=3)
+    mapping["datasets"]["sst2"]["freelb"]["init_mag"] = init_mag
+    config = from_mapping(mapping)
     reference = train(config, "sst2", method, 7, learnable_data, tmp_path / "reference", "cpu").metrics
 
     real_step = training.adversarial_backward

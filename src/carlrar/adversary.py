@@ -1,9 +1,9 @@
 """FreeLB (Zhu et al. 2020) and the adversarial training step that CARL and RAR plug into.
 
-One step is a composition (SPEC 8): an optional clean pass, K forward-backward passes on perturbed word
-embeddings (plain fine-tuning is K = 1 with no perturbation), and auxiliary losses that read what the passes
-produced and add to the last pass's loss. Parameter gradients accumulate over the passes; the caller clips
-and steps the optimizer, so :func:`adversarial_backward` drops into any training loop.
+One step is a composition (SPEC 8): a clean view where an auxiliary loss wants one, K forward-backward passes on
+perturbed word embeddings (plain fine-tuning is K = 1 with no perturbation), and auxiliary losses that read what
+the passes produced and add to the last pass's loss. Parameter gradients accumulate over the passes; the caller
+clips and steps the optimizer, so :func:`adversarial_backward` drops into any training loop.
 """
 
 from __future__ import annotations
@@ -52,7 +52,12 @@ class AuxiliaryLoss(Protocol):
     name: str
 
     def wants_clean_view(self, step: int) -> bool:
-        """Whether this step needs the extra clean forward pass."""
+        """Whether this step needs the clean view (the representation of the unperturbed input)."""
+
+    def clean_view_needs_grad(self, step: int) -> bool:
+        """Whether this step's loss backpropagates through the clean view; False when it is only read (CARL's bank
+        writes before tau), so that it is computed without a graph. Optional: an auxiliary loss without this
+        method is taken to need the graph whenever it wants the clean view."""
 
     def loss(self, views: Views, step: int) -> Tensor | None:
         """The weighted loss to add to the last pass, or None while inactive."""
@@ -151,6 +156,15 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _needs_graph(aux: AuxiliaryLoss, step: int) -> bool:
+    needs = getattr(aux, "clean_view_needs_grad", None)
+    return True if needs is None else bool(needs(step))
+
+
+def _detached(out: ClassifierOutput) -> ClassifierOutput:
+    return ClassifierOutput(logits=out.logits.detach(), sentence=out.sentence.detach(), tokens=out.tokens.detach())
+
+
 def adversarial_backward(
     model: TextClassifier,
     batch: Batch,
@@ -163,6 +177,15 @@ def adversarial_backward(
 
     ``freelb=None`` is plain fine-tuning. Each pass's cross-entropy is divided by K, so the accumulated
     gradient is the mean of the K per-pass gradients; auxiliary losses join the K-th pass only.
+
+    The clean view, when an auxiliary loss wants one, is the forward pass on the unperturbed input under the
+    passes' dropout masks. Where the first pass is unperturbed (``init_mag = 0`` or no FreeLB) it IS that view,
+    bit for bit, and is reused instead of run again. If a loss backpropagates through the view (CARL from tau),
+    the first pass's delta gradient is taken alone (``torch.autograd.grad``, parameter gradients untouched), its
+    graph is kept, and its cross-entropy joins the last pass's backward together with the auxiliary losses: every
+    parameter gradient is the same sum as with a separate clean pass. Otherwise a separate clean pass runs first,
+    with a graph only if a loss backpropagates through it; a view that is only read (CARL's bank writes before tau)
+    is computed under ``torch.no_grad``.
     """
     device = batch.input_ids.device
     mask = batch.attention_mask
@@ -175,11 +198,16 @@ def adversarial_backward(
     views: Views | None = None
     clean: ClassifierOutput | None = None
     losses: dict[str, Tensor] = {"ce": torch.zeros((), device=device)}
-    if any(aux.wants_clean_view(step) for aux in auxiliaries):
+    wanting = [aux for aux in auxiliaries if aux.wants_clean_view(step)]
+    clean_graph = any(_needs_graph(aux, step) for aux in wanting)
+    reuse_first = bool(wanting) and (freelb is None or freelb.config.init_mag == 0)  # pass 1 sees delta = 0
+    if wanting and not reuse_first:
         rng.restore()
-        with autocast_context(device, amp_dtype):
+        with torch.set_grad_enabled(clean_graph), autocast_context(device, amp_dtype):
             clean = model(inputs_embeds=model.embed(batch.input_ids), attention_mask=mask)
+    held: Tensor | None = None  # the first pass's loss when its backward joins the last pass's
     for t in range(passes):
+        last = t == passes - 1
         rng.restore()
         if delta is not None:
             delta.requires_grad_()
@@ -188,7 +216,9 @@ def adversarial_backward(
             out = model(inputs_embeds=embeds if delta is None else embeds + delta, attention_mask=mask)
         loss = F.cross_entropy(out.logits.float(), batch.labels) / passes
         losses["ce"] += loss.detach()
-        if t == passes - 1:
+        if t == 0 and reuse_first:
+            clean = out if clean_graph else _detached(out)
+        if last:
             views = Views(batch=batch, adversarial=out, clean=clean)
             for aux in auxiliaries:
                 with autocast_context(device, amp_dtype):
@@ -196,10 +226,18 @@ def adversarial_backward(
                 if extra is not None:
                     loss = loss + extra
                     losses[aux.name] = extra.detach()
-        loss.backward()
-        if t < passes - 1:
-            assert freelb is not None and delta is not None and delta.grad is not None
-            delta = freelb.ascend(delta, delta.grad, mask)
+            if held is not None:
+                loss = loss + held
+        if t == 0 and reuse_first and clean_graph and not last:
+            assert delta is not None
+            (grad,) = torch.autograd.grad(loss, delta, retain_graph=True)
+            held = loss
+        else:
+            loss.backward()
+            grad = delta.grad if delta is not None else None
+        if not last:
+            assert freelb is not None and delta is not None and grad is not None
+            delta = freelb.ascend(delta, grad, mask)
     assert views is not None
     for aux in auxiliaries:
         aux.after_backward(views, step)

@@ -261,8 +261,9 @@ class CARLLoss(nn.Module):
 class CARLObjective(nn.Module):
     """CARL as an auxiliary loss of the training step, with the paper's schedule (Table 3).
 
-    Before ``bank_start_step`` the step is plain FreeLB; from it on the clean pass runs and both banks are
-    written every step; from ``start_step`` (tau) on L_D joins the last pass with weight 1 (Eq. 6).
+    Before ``bank_start_step`` the step is plain FreeLB; from it on the step computes the clean view and both banks
+    are written every step; from ``start_step`` (tau) on L_D joins the last pass with weight 1 (Eq. 6). Before tau
+    the clean view only feeds the banks, so the step computes it without a graph.
     """
 
     name = "carl"
@@ -277,6 +278,9 @@ class CARLObjective(nn.Module):
 
     def wants_clean_view(self, step: int) -> bool:
         return step >= self.bank_start_step
+
+    def clean_view_needs_grad(self, step: int) -> bool:
+        return step >= self.start_step
 
     def loss(self, views: Any, step: int) -> Tensor | None:
         if step < self.start_step:

@@ -211,6 +211,9 @@ class RARObjective(nn.Module):
     def wants_clean_view(self, step: int) -> bool:
         return False
 
+    def clean_view_needs_grad(self, step: int) -> bool:
+        return False
+
     def loss(self, views: Any, step: int) -> torch.Tensor:
         batch = views.batch
         real = batch.attention_mask.bool()
