@@ -200,21 +200,10 @@ def train(
         resume = (run_dir / "checkpoint" / "state.json").is_file()
     device, lease = (rank_device, None) if rank_device is not None else select_device(device_request)
     try:
-        result = _train(
-            config,
-            dataset,
-            method_name,
-            seed,
-            data_dir,
-            run_dir,
-            manifest,
-            device,
-            collective,
-            rar_warmup,
-            identity,
-            resume,
-            frames,
+        run = _set_up(
+            config, dataset, method_name, seed, data_dir, run_dir, manifest, device, collective, identity, frames
         )
+        result = _train(run, manifest, data_dir, rar_warmup, resume)
         collective.close()  # on success only: a failed rank's peers are stopped by torchrun, not by a barrier
         return result
     finally:
@@ -318,24 +307,11 @@ class _Run:
         self.checkpoint()
 
 
-def _train(
-    config: Config,
-    dataset: str,
-    method_name: str,
-    seed: int,
-    data_dir: Path,
-    run_dir: Path,
-    manifest: dict[str, Any],
-    device: torch.device,
-    collective: Collective,
-    rar_warmup: Path | None,
-    identity: dict[str, Any],
-    resume: bool,
-    frames: dict[str, pd.DataFrame],
-) -> TrainResult:
-    run = _set_up(config, dataset, method_name, seed, data_dir, run_dir, manifest, device, collective, identity, frames)
+def _train(run: _Run, manifest: dict[str, Any], data_dir: Path, rar_warmup: Path | None, resume: bool) -> TrainResult:
+    """The run from its set-up to metrics.json: reconstructor start, resume, the loop, the final evaluation."""
+    collective, run_dir = run.collective, run.run_dir
     reconstruction = (
-        start_reconstructor(run.method, run.model, config, manifest, rar_warmup, run.dev_batches)
+        start_reconstructor(run.method, run.model, run.config, manifest, rar_warmup, run.dev_batches)
         if collective.is_main
         else {}
     )
