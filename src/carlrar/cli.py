@@ -359,14 +359,8 @@ def _cmd_hpsearch_select(args: argparse.Namespace) -> None:
     logging.info("<dataset>/best.yaml, freelb_best.yaml and trials.{md,csv} -> %s", args.out_dir)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="carlrar",
-        description="CARL and RAR adversarial training for text classifiers: data, training, attacks, tables.",
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_prepare_parser(commands: argparse._SubParsersAction) -> None:
+    """``prepare``: the data stage."""
     prepare = commands.add_parser(
         "prepare",
         help="sample a dataset's train/dev/test splits (paper Table 9) into parquet files with a manifest",
@@ -389,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, type=Path, help="output folder, e.g. data/processed/sst2")
     prepare.set_defaults(run=_cmd_prepare)
 
+
+def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
+    """``train`` and ``rar-warmup``."""
     train = commands.add_parser(
         "train",
         help="train one (dataset, method, seed) run; restarting the same command resumes it",
@@ -466,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     warmup.add_argument("--device", default="auto", help=DEVICE_HELP)
     warmup.set_defaults(run=_cmd_rar_warmup)
 
+
+def _add_table_parsers(commands: argparse._SubParsersAction) -> None:
+    """``table2``, ``table7``, ``robustness-tables``, ``figures``, ``paired-table``, ``hpsearch-select``."""
     table2 = commands.add_parser(
         "table2",
         help="Table 2: clean accuracy, mean ± std over seeds, difference from FreeLB",
@@ -539,6 +539,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hpsearch.add_argument("--out-dir", required=True, type=Path, help="output folder, e.g. results/paper/hpsearch")
     hpsearch.set_defaults(run=_cmd_hpsearch_select)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="carlrar",
+        description="CARL and RAR adversarial training for text classifiers: data, training, attacks, tables.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prepare_parser(commands)
+    _add_training_parsers(commands)
+    _add_table_parsers(commands)
     _add_attack_parsers(commands)
     return parser
 
