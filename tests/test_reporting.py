@@ -258,7 +258,8 @@ def _summary(path: Path, dataset: str, method: str, seed: int, by_eps: dict[floa
 
 
 def test_tables_4_and_5_and_figures_from_attack_summaries(tmp_path: Path) -> None:
-    from carlrar.reporting import write_figures, write_table4, write_table5
+    from carlrar.figures import write_figures
+    from carlrar.reporting import write_table4, write_table5
 
     values = {("freelb", 1): 0.70, ("freelb", 2): 0.74, ("carl", 1): 0.80, ("carl", 2): 0.78}
     paths = [
@@ -427,7 +428,7 @@ def _pick(frame: pd.DataFrame, method: str, reference: str, measure: str = "clea
 
 
 def test_paired_table_known_answers(tmp_path: Path) -> None:
-    from carlrar.reporting import write_table_paired
+    from carlrar.paired import write_table_paired
 
     metrics, summaries = _k_more_case(tmp_path)
     frame = write_table_paired(metrics, summaries, tmp_path / "tables" / "table_paired", resamples=2000, seed=5)
@@ -474,23 +475,23 @@ def test_paired_table_known_answers(tmp_path: Path) -> None:
 def test_paired_bootstrap_is_reproducible_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
 
-    import carlrar.reporting as reporting
+    import carlrar.paired as paired_module
 
     d1 = np.array([1, 0, 0, -1, 1, 1, 0, 0, 0, 1, 0], dtype=np.int8)
     d2 = np.array([0, 0, 1, 0, -1, 0, 1], dtype=np.int8)
     rng = np.random.default_rng(7)
     i1, i2 = rng.integers(0, len(d1), size=(300, len(d1))), rng.integers(0, len(d2), size=(300, len(d2)))
     by_hand = (100 * d1[i1].mean(axis=1) + 100 * d2[i2].mean(axis=1)) / 2
-    assert reporting.paired_bootstrap([d1, d2], resamples=300, seed=7) == pytest.approx(by_hand, abs=1e-9)
-    monkeypatch.setattr(reporting, "_CHUNK_ELEMENTS", 20)  # drawn in blocks of 1-2 rows: the same numbers
-    assert reporting.paired_bootstrap([d1, d2], resamples=300, seed=7) == pytest.approx(by_hand, abs=1e-9)
-    assert reporting.paired_bootstrap([d1, d2], resamples=300, seed=8) != pytest.approx(by_hand, abs=1e-9)
+    assert paired_module.paired_bootstrap([d1, d2], resamples=300, seed=7) == pytest.approx(by_hand, abs=1e-9)
+    monkeypatch.setattr(paired_module, "_CHUNK_ELEMENTS", 20)  # drawn in blocks of 1-2 rows: the same numbers
+    assert paired_module.paired_bootstrap([d1, d2], resamples=300, seed=7) == pytest.approx(by_hand, abs=1e-9)
+    assert paired_module.paired_bootstrap([d1, d2], resamples=300, seed=8) != pytest.approx(by_hand, abs=1e-9)
 
 
 def test_paired_table_matches_the_documented_procedure(tmp_path: Path) -> None:
     import numpy as np
 
-    from carlrar.reporting import paired_bootstrap, paired_frame
+    from carlrar.paired import paired_bootstrap, paired_frame
 
     metrics, summaries = _k_more_case(tmp_path)
     row = _pick(paired_frame(metrics, summaries, resamples=1000, seed=3), "carl", "freelb", "attacked")
@@ -509,7 +510,8 @@ def test_paired_table_matches_the_documented_procedure(tmp_path: Path) -> None:
 
 
 def test_paired_table_refuses_different_examples(tmp_path: Path) -> None:
-    from carlrar.reporting import ReportError, paired_frame
+    from carlrar.paired import paired_frame
+    from carlrar.reporting import ReportError
 
     gold = [0, 1, 0, 1, 1]
     paths = [_predictions_run(tmp_path, "sst2", "freelb", 1, gold, gold)]
@@ -522,7 +524,7 @@ def test_paired_table_refuses_different_examples(tmp_path: Path) -> None:
 
 
 def test_paired_table_skips_runs_without_predictions(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from carlrar.reporting import paired_frame
+    from carlrar.paired import paired_frame
 
     gold = [0, 1, 0, 1]
     paths = [
@@ -554,20 +556,21 @@ def test_paired_table_cli_writes_three_files(tmp_path: Path, caplog: pytest.LogC
 def test_figures_show_paired_differences_and_readable_distances(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import carlrar.reporting as reporting
+    import carlrar.figures as figures
+    import carlrar.paired as paired_module
 
     metrics, summaries = _k_more_case(tmp_path)
     history = [{"step": 100 * i, "epoch": i / 2, "dev_accuracy": 0.8 + i / 100, "train_loss": 1.0} for i in range(1, 7)]
     for path in metrics:
         data = json.loads(path.read_text())
         path.write_text(json.dumps(data | {"history": history}))
-    paired = reporting.write_table_paired(metrics, summaries, tmp_path / "table_paired", resamples=300)
+    paired = paired_module.write_table_paired(metrics, summaries, tmp_path / "table_paired", resamples=300)
     saved = {}
-    original = reporting._save_figure
+    original = figures._save_figure
     monkeypatch.setattr(
-        reporting, "_save_figure", lambda fig, out, name: saved.setdefault(name, fig) and original(fig, out, name)
+        figures, "_save_figure", lambda fig, out, name: saved.setdefault(name, fig) and original(fig, out, name)
     )
-    written = reporting.write_figures(metrics, summaries, tmp_path / "figures", paired=tmp_path / "table_paired.csv")
+    written = figures.write_figures(metrics, summaries, tmp_path / "figures", paired=tmp_path / "table_paired.csv")
     assert sorted(p.name for p in written) == sorted(
         f"{n}.{e}"
         for n in ("robustness_vs_epsilon", "representation_distance", "learning_curves")

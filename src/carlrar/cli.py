@@ -293,14 +293,14 @@ def _cmd_robustness_tables(args: argparse.Namespace) -> None:
 
 
 def _cmd_figures(args: argparse.Namespace) -> None:
-    from carlrar.reporting import write_figures
+    from carlrar.figures import write_figures
 
     for path in write_figures(args.metrics, args.summaries, args.out_dir, paired=args.paired):
         logging.info("wrote %s", path)
 
 
 def _cmd_paired_table(args: argparse.Namespace) -> None:
-    from carlrar.reporting import write_table_paired
+    from carlrar.paired import write_table_paired
 
     frame = write_table_paired(args.metrics, args.summaries, args.out, args.resamples, args.seed)
     significant = int(((frame["ci95_low"] > 0) | (frame["ci95_high"] < 0)).sum()) if len(frame) else 0

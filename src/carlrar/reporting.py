@@ -1,4 +1,4 @@
-"""Result tables from the runs' ``metrics.json`` files (paper Table 2 and, later, the others).
+"""The paper's tables from the runs' ``metrics.json`` files (Tables 2, 7) and attack summaries (Tables 4, 5, 6).
 
 Table 2 is clean accuracy on each dataset's evaluated split (SST-2: GLUE dev; the others: test), as the mean and
 standard deviation over training seeds, with each method's difference from FreeLB on the same dataset.
@@ -10,7 +10,7 @@ undefined and left blank.
 
 Tables 2, 4 and 5 also give the 95 % confidence interval of the mean over seeds (Student t with n - 1 degrees of
 freedom: mean ± t(0.975, n - 1) · std / sqrt(n), from the unrounded mean and std), which says how far the mean
-over this many seeds can be trusted; blank with a single seed. ``table_paired`` (:func:`write_table_paired`)
+over this many seeds can be trusted; blank with a single seed. ``table_paired`` (:mod:`carlrar.paired`)
 compares methods on the same examples: a paired bootstrap over the evaluated split's examples, within each seed.
 """
 
@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import scipy.stats
 
@@ -75,7 +73,7 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     return metrics
 
 
-def _order(values: list[str], preferred: tuple[str, ...]) -> list[str]:
+def in_table_order(values: list[str], preferred: tuple[str, ...]) -> list[str]:
     """Known names in their canonical order, then any others alphabetically."""
     present = set(values)
     return [v for v in preferred if v in present] + sorted(present.difference(preferred))
@@ -109,10 +107,10 @@ def table2_frame(metrics_paths: list[Path]) -> tuple[pd.DataFrame, dict[str, str
 
     runs = pd.DataFrame.from_records(records)
     rows = []
-    for dataset in _order(runs["dataset"].tolist(), DATASET_IDS):
+    for dataset in in_table_order(runs["dataset"].tolist(), DATASET_IDS):
         on_dataset = runs[runs["dataset"] == dataset]
         stats = {}
-        for method in _order(on_dataset["method"].tolist(), METHOD_IDS):
+        for method in in_table_order(on_dataset["method"].tolist(), METHOD_IDS):
             acc = on_dataset.loc[on_dataset["method"] == method, "accuracy"].astype(float)
             std = float(acc.std(ddof=1)) if len(acc) > 1 else math.nan
             low, high = t_interval(float(acc.mean()), std, len(acc))  # from the unrounded mean and std
@@ -153,8 +151,8 @@ CI_NOTE = (
 def _pivot(frame: pd.DataFrame, pm: str) -> tuple[pd.DataFrame, int]:
     typical = int(frame["seeds"].mode().max())
     cells = frame.assign(cell=[_cell(row, pm, typical) for _, row in frame.iterrows()])
-    datasets = _order(frame["dataset"].tolist(), DATASET_IDS)
-    methods = _order(frame["method"].tolist(), METHOD_IDS)
+    datasets = in_table_order(frame["dataset"].tolist(), DATASET_IDS)
+    methods = in_table_order(frame["method"].tolist(), METHOD_IDS)
     wide = cells.pivot(index="method", columns="dataset", values="cell").reindex(index=methods, columns=datasets)
     wide = wide.fillna("")
     wide.index = [method_display(m) for m in methods]
@@ -211,7 +209,7 @@ def write_table2(metrics_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
     ``93.77 ± 0.12 [93.47, 94.07] (+0.54)`` (mean ± std [95 % t-interval of the mean over seeds] (vs FreeLB)).
     """
     frame, splits = table2_frame(list(metrics_paths))
-    ordered_splits = {d: splits[d] for d in _order(list(splits), DATASET_IDS)}
+    ordered_splits = {d: splits[d] for d in in_table_order(list(splits), DATASET_IDS)}
     out_prefix = Path(out_prefix)
 
     wide_md, typical = _pivot(frame, "±")
@@ -263,13 +261,14 @@ def write_table7(metrics_paths: list[Path], out_prefix: Path) -> pd.DataFrame:
             "params": counts[(d, m)],
             "extra_vs_base": counts[(d, m)] - counts[(d, "base")] if (d, "base") in counts else None,
         }
-        for d in _order([d for d, _ in counts], DATASET_IDS)
-        for m in _order([m for dd, m in counts if dd == d], METHOD_IDS)
+        for d in in_table_order([d for d, _ in counts], DATASET_IDS)
+        for m in in_table_order([m for dd, m in counts if dd == d], METHOD_IDS)
     ]
     frame = pd.DataFrame(rows).astype({"params": "int64", "extra_vs_base": "Int64"})
     wide = frame.pivot(index="method", columns="dataset", values="params")
     wide = wide.reindex(
-        index=_order(frame["method"].tolist(), METHOD_IDS), columns=_order(frame["dataset"].tolist(), DATASET_IDS)
+        index=in_table_order(frame["method"].tolist(), METHOD_IDS),
+        columns=in_table_order(frame["dataset"].tolist(), DATASET_IDS),
     )
     wide = wide.map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
     wide.index = [method_display(m) for m in wide.index]
@@ -355,7 +354,7 @@ def _per_dataset_tables(stats: pd.DataFrame, value: str, digits: int, pm: str) -
         columns = [part[f"{value}_{stat}"] for stat in ("mean", "std", "ci95_low", "ci95_high")]
         cells = part.assign(cell=[_mean_std(m, s, digits, pm, lo, hi) for m, s, lo, hi in zip(*columns)])
         wide = cells.pivot(index="method", columns="epsilon", values="cell")
-        wide = wide.reindex(index=_order(part["method"].tolist(), METHOD_IDS)).fillna("")
+        wide = wide.reindex(index=in_table_order(part["method"].tolist(), METHOD_IDS)).fillna("")
         wide.index = [method_display(m) for m in wide.index]
         wide.index.name = "Method"
         wide.columns = [f"ε={eps:g}" for eps in wide.columns]
@@ -490,583 +489,3 @@ def write_table6(sample_paths: list[Path], out_prefix: Path, examples_per_run: i
     write_text(out_prefix.with_name(f"{out_prefix.name}.md"), markdown)
     write_text(out_prefix.with_name(f"{out_prefix.name}.tex"), latex)
     return counts
-
-
-# --- paired comparisons: table_paired from per-example predictions and attack records ---------------------------
-
-PAIRED_REFERENCES = ("freelb", "base")  # every method is compared with each of these that ran on the dataset
-BOOTSTRAP_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 2021
-MDE_Z = 1.96 + 0.84  # two-sided alpha = 0.05 plus 80 % power
-_CHUNK_ELEMENTS = 1 << 21  # resampled indices held at once (16 MiB as int64), whatever the split's size
-PAIRED_COLUMNS = [
-    "dataset",
-    "method",
-    "reference",
-    "measure",
-    "epsilon",
-    "seeds",
-    "examples",
-    "method_accuracy",
-    "reference_accuracy",
-    "difference",
-    "ci95_low",
-    "ci95_high",
-    "se",
-    "p_value",
-    "mde80",
-    "resamples",
-    "bootstrap_seed",
-]
-_Outcomes = dict[tuple[str, str, float | None], dict[tuple[str, int], pd.DataFrame]]
-
-
-def _read_outcomes(path: Path, prediction: str, where: str) -> pd.DataFrame:
-    """Per-example ``row``, ``gold`` and ``correct`` (``prediction == gold``), sorted by row."""
-    if not path.is_file():
-        raise ReportError(f"{where}: per-example file {path} not found")
-    frame = pd.read_parquet(path)
-    missing = [c for c in ("row", "gold", prediction) if c not in frame.columns]
-    if missing:
-        raise ReportError(f"{path}: missing column(s) {', '.join(missing)}")
-    if frame["row"].duplicated().any():
-        raise ReportError(f"{path}: a row appears twice")
-    frame = frame.sort_values("row", kind="stable").reset_index(drop=True)
-    return pd.DataFrame({"row": frame["row"], "gold": frame["gold"], "correct": frame[prediction] == frame["gold"]})
-
-
-def _add_outcome(
-    outcomes: _Outcomes, key: tuple[str, str, float | None], run: tuple[str, int], frame: Any, where: Any
-) -> None:
-    """Store one run's outcomes for one measure; two files for the same run and measure are an error."""
-    if run in outcomes.setdefault(key, {}):
-        raise ReportError(f"{where}: a second file for {key[0]}/{run[0]}/seed {run[1]} ({key[1]})")
-    outcomes[key][run] = frame
-
-
-def _clean_outcomes(metrics_paths: Sequence[Path], outcomes: _Outcomes) -> None:
-    """Clean correctness per example from each run's eval_predictions.parquet (beside metrics.json)."""
-    for path in map(Path, metrics_paths):
-        m = read_json(path, "metrics file")
-        if not m.get("predictions"):
-            log.warning("%s has no 'predictions' (an older run): no paired clean comparison for it", path)
-            continue
-        frame = _read_outcomes(path.parent / m["predictions"], "pred", str(path))
-        _add_outcome(outcomes, (str(m["dataset"]), "clean", None), (str(m["method"]), int(m["seed"])), frame, path)
-
-
-def _attacked_outcomes(summary_paths: Sequence[Path], outcomes: _Outcomes) -> None:
-    """Correctness under attack per example and epsilon from each attack's records_eps*.parquet."""
-    for path in map(Path, summary_paths):
-        summary = read_json(path, "attack summary")
-        try:
-            dataset, run = str(summary["dataset"]), (str(summary["method"]), int(summary["seed"]))
-            entries = list(summary["epsilons"].values())
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ReportError(f"{path}: not a 'carlrar attack' summary ({exc})") from None
-        for entry in entries:
-            if not entry.get("records"):
-                log.warning("%s: no per-example records for eps=%s: no paired comparison", path, entry.get("epsilon"))
-                continue
-            frame = _read_outcomes(path.parent / entry["records"], "attacked_pred", str(path))
-            _add_outcome(outcomes, (dataset, "attacked", float(entry["epsilon"])), run, frame, path)
-
-
-def _paired_difference(method: pd.DataFrame, reference: pd.DataFrame, where: str) -> np.ndarray:
-    """Per-example correct(method) - correct(reference), in row order, after checking the examples are the same."""
-    if len(method) != len(reference) or not np.array_equal(method["row"].to_numpy(), reference["row"].to_numpy()):
-        raise ReportError(
-            f"{where}: the two runs were evaluated on different examples ({len(method)} vs {len(reference)} rows, "
-            "or different row numbers); a paired comparison needs the same evaluated split"
-        )
-    disagree = method["gold"].to_numpy() != reference["gold"].to_numpy()
-    if disagree.any():
-        first = int(method["row"].to_numpy()[disagree][0])
-        raise ReportError(
-            f"{where}: gold labels disagree on {int(disagree.sum())} of {len(method)} rows (first: row {first}); "
-            "the two runs were evaluated on different examples"
-        )
-    return method["correct"].to_numpy(np.int8) - reference["correct"].to_numpy(np.int8)
-
-
-def _bootstrap_pooled(differences: Sequence[np.ndarray], resamples: int, seed: int) -> np.ndarray:
-    """Bootstrap replicates [B, C] of C comparisons that share seeds and split sizes (so, the resampled rows).
-
-    ``differences[s]`` is [C, n_s]: seed s's per-example differences. One fresh ``default_rng(seed)``; for each
-    seed in order ``rng.integers(0, n_s, size=(B, n_s))`` (drawn in row blocks: the same numbers, bounded memory);
-    a replicate is the mean over seeds of 100 * mean(d_s[resampled rows]). Counting how often each row is drawn
-    and multiplying by the differences gives all C comparisons from one draw (and is faster than gathering).
-    """
-    rng = np.random.default_rng(seed)
-    pooled = np.zeros((resamples, differences[0].shape[0]))
-    for d in differences:
-        n = d.shape[1]
-        per_row = d.T.astype(np.float64) * (100.0 / n)  # [n, C]
-        block = max(1, _CHUNK_ELEMENTS // n)
-        for start in range(0, resamples, block):
-            b = min(block, resamples - start)
-            index = rng.integers(0, n, size=(b, n))
-            counts = np.bincount((index + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
-            pooled[start : start + b] += counts @ per_row
-    return pooled / len(differences)
-
-
-def paired_bootstrap(
-    differences: Sequence[np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
-) -> np.ndarray:
-    """Bootstrap distribution [B] of the seed-averaged accuracy difference (points) of one paired comparison.
-
-    ``differences``: per seed (in ascending seed order), the per-example ``correct(method) - correct(reference)``
-    in row order. Replicate b is ``mean_s 100 * mean(d_s[I_s[b]])`` with ``I_s = rng.integers(0, n_s, (B, n_s))``
-    drawn seed after seed from ``np.random.default_rng(seed)``: resampling examples, not seeds, because the
-    question is whether the difference on *these* models survives another draw of the test examples.
-    """
-    if not differences:
-        raise ReportError("a paired bootstrap needs at least one seed")
-    return _bootstrap_pooled([np.asarray(d)[None, :] for d in differences], resamples, seed)[:, 0]
-
-
-def _bootstrap_stats(replicates: np.ndarray) -> dict[str, float]:
-    """Percentile 95 % interval, SE, two-sided percentile p-value and the 80 %-power MDE of one comparison."""
-    b = len(replicates)
-    low, high = np.percentile(replicates, [2.5, 97.5])
-    se = float(np.std(replicates, ddof=1))
-    below, above = int((replicates <= 0).sum()), int((replicates >= 0).sum())
-    p = min(1.0, 2.0 * min(below + 1, above + 1) / (b + 1))
-    return {"ci95_low": float(low), "ci95_high": float(high), "se": se, "p_value": p, "mde80": MDE_Z * se}
-
-
-def _comparisons(outcomes: _Outcomes) -> list[dict[str, Any]]:
-    """Every (measure, method, reference) with seeds in common: per-seed differences and the point estimates."""
-    found = []
-    for (dataset, measure, epsilon), runs in outcomes.items():
-        methods = {m for m, _ in runs}
-        for reference in (r for r in PAIRED_REFERENCES if r in methods):
-            for method in sorted(methods - {reference}):
-                seeds = sorted({s for m, s in runs if m == method} & {s for m, s in runs if m == reference})
-                if not seeds:
-                    log.warning("%s/%s vs %s (%s): no seed in common, skipped", dataset, method, reference, measure)
-                    continue
-                where = f"{dataset} {measure}{'' if epsilon is None else f' eps={epsilon:g}'}: {method} vs {reference}"
-                diffs = [
-                    _paired_difference(runs[(method, s)], runs[(reference, s)], f"{where}, seed {s}") for s in seeds
-                ]
-                accuracy = {
-                    name: float(np.mean([100.0 * runs[(name, s)]["correct"].mean() for s in seeds]))
-                    for name in (method, reference)
-                }
-                found.append(
-                    {"dataset": dataset, "method": method, "reference": reference, "measure": measure}
-                    | {"epsilon": math.nan if epsilon is None else epsilon, "seeds": len(seeds), "_seeds": seeds}
-                    | {"examples": min(len(d) for d in diffs), "_diffs": diffs}
-                    | {"method_accuracy": accuracy[method], "reference_accuracy": accuracy[reference]}
-                    | {"difference": float(np.mean([100.0 * d.mean() for d in diffs]))}
-                )
-    return found
-
-
-def _sort_paired(frame: pd.DataFrame) -> pd.DataFrame:
-    """Datasets and methods in canonical order, FreeLB's comparisons first, clean before attacks by epsilon."""
-    ranks = {
-        "dataset": {d: i for i, d in enumerate(DATASET_IDS)},
-        "reference": {r: i for i, r in enumerate(PAIRED_REFERENCES)},
-        "method": {m: i for i, m in enumerate(METHOD_IDS)},
-        "measure": {"clean": 0, "attacked": 1},
-    }
-    keys = {f"_{c}": frame[c].map(r).fillna(len(r)) for c, r in ranks.items()}
-    order = ["_dataset", "dataset", "_reference", "_method", "method", "_measure", "epsilon"]
-    return frame.assign(**keys).sort_values(order).drop(columns=list(keys)).reset_index(drop=True)
-
-
-def paired_frame(
-    metrics_paths: Sequence[Path],
-    summary_paths: Sequence[Path] = (),
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-) -> pd.DataFrame:
-    """Paired differences of every method from FreeLB and from base, clean and per attack epsilon (unrounded).
-
-    See :func:`write_table_paired` for the procedure. Comparisons with the same seeds and split sizes share their
-    resampled rows (each comparison's draw starts from a fresh generator), so they are bootstrapped together.
-    """
-    outcomes: _Outcomes = {}
-    _clean_outcomes(metrics_paths, outcomes)
-    _attacked_outcomes(summary_paths, outcomes)
-    found = _comparisons(outcomes)
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for c in found:
-        groups.setdefault(tuple((s, len(d)) for s, d in zip(c["_seeds"], c["_diffs"])), []).append(c)
-    for group in groups.values():
-        stacked = [np.stack([c["_diffs"][i] for c in group]) for i in range(len(group[0]["_diffs"]))]
-        replicates = _bootstrap_pooled(stacked, resamples, seed)
-        for column, c in enumerate(group):
-            c.update(_bootstrap_stats(replicates[:, column]), resamples=resamples, bootstrap_seed=seed)
-    frame = pd.DataFrame([{k: v for k, v in c.items() if not k.startswith("_")} for c in found], columns=PAIRED_COLUMNS)
-    return _sort_paired(frame) if len(frame) else frame
-
-
-PAIRED_NOTE = (
-    "Paired comparison on the same examples: difference in accuracy (points, method minus reference; clean: "
-    "eval_predictions.parquet, under attack: attacked_pred of records_eps*.parquet) = mean over the seeds both "
-    "methods ran of the per-seed difference. 95 % CI: paired bootstrap over examples, B = {b:,} resamples, "
-    "numpy default_rng({seed}) created afresh per comparison; per seed in ascending order, "
-    "rng.integers(0, n, size=(B, n)) draws the same rows for both methods (paired by `row`), each resample's "
-    "difference of accuracies is averaged over the seeds, and the 2.5th/97.5th percentiles (numpy linear) of the "
-    "B averages are the interval. It reflects the finite test set for these trained models, not seed-to-seed "
-    "variation (Table 2's intervals). p: two-sided bootstrap p-value, min(1, 2 min(#(d* <= 0) + 1, "
-    "#(d* >= 0) + 1) / (B + 1)), so 2 / (B + 1) is the smallest possible; * marks intervals that exclude 0. "
-    "MDE: the smallest difference detectable with 80 % power at alpha 0.05 on this many examples, "
-    "(1.96 + 0.84) × SE, SE the standard deviation of the B resampled differences."
-)
-
-
-def _measure_name(measure: str, epsilon: float) -> str:
-    return "clean" if measure == "clean" else f"under attack, ε={epsilon:g}"
-
-
-def _paired_display(part: pd.DataFrame, tex: bool) -> pd.DataFrame:
-    """One dataset's comparisons as readable rows (signed points, interval, p, MDE, seeds × examples)."""
-    minus, eps, pct, times = (" $-$ ", r"$\epsilon$", r"\%", r"$\times$") if tex else (" − ", "ε", "%", "×")
-    rows = []
-    for r in part.itertuples():
-        star = "*" if r.ci95_low > 0 or r.ci95_high < 0 else ""
-        method, reference = (method_display(m) for m in (r.method, r.reference))
-        rows.append(
-            {
-                "Comparison": f"{method}{minus}{reference}",
-                "Accuracy": _measure_name(r.measure, r.epsilon).replace("ε", eps),
-                f"Method / reference ({pct})": f"{r.method_accuracy:.2f} / {r.reference_accuracy:.2f}",
-                "Difference (points)": f"{r.difference:+.2f}{star}",
-                f"95 {pct} CI": f"[{r.ci95_low:+.2f}, {r.ci95_high:+.2f}]",
-                "p": f"{r.p_value:.4f}",
-                f"MDE (80 {pct} power)": f"{r.mde80:.2f}",
-                f"Seeds {times} examples": f"{r.seeds} {times} {r.examples:,}",
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def _power_line(part: pd.DataFrame) -> str:
-    """One sentence per dataset: the range of the smallest detectable differences (MDE), clean and under attack."""
-    ranges = []
-    for measure, label in (("clean", "clean accuracy"), ("attacked", "accuracy under attack")):
-        mde = part.loc[part["measure"] == measure, "mde80"]
-        if len(mde):
-            ranges.append(f"{label} {mde.min():.1f}–{mde.max():.1f} points")
-    examples = ", ".join(str(n) for n in sorted(part["examples"].unique()))
-    return (
-        f"Smallest difference detectable at this size (MDE, 80 % power, alpha 0.05; {examples} examples per seed): "
-        + "; ".join(ranges)
-        + "."
-    )
-
-
-def _excluding_zero_line(part: pd.DataFrame) -> str:
-    """One sentence per dataset: the comparisons whose 95 % interval excludes 0 (FreeLB as reference first)."""
-    found = part[(part["ci95_low"] > 0) | (part["ci95_high"] < 0)]
-    if found.empty:
-        return "No difference's 95 % interval excludes 0: every comparison here is within test-set noise."
-    items = [
-        f"{method_display(row.method)} − {method_display(row.reference)} "
-        f"({_measure_name(row.measure, row.epsilon)}, {row.difference:+.2f})"
-        for row in found.itertuples()
-    ]
-    return f"95 % interval excludes 0 ({len(found)} of {len(part)} comparisons): " + "; ".join(items) + "."
-
-
-def write_table_paired(
-    metrics_paths: Sequence[Path],
-    summary_paths: Sequence[Path],
-    out_prefix: Path,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-) -> pd.DataFrame:
-    """``table_paired``: is a method's accuracy difference from FreeLB (and base) larger than test-set noise?
-
-    Procedure, reproducible by hand from the per-example files, for each dataset, measure (clean accuracy from
-    each run's ``eval_predictions.parquet``; accuracy under attack at each epsilon from ``records_eps<eps>.parquet``,
-    correct = ``attacked_pred == gold``), method M and reference R in (FreeLB, base), R present, M != R:
-
-    1. S = the seeds with files for both M and R, ascending. For each s in S join M's and R's files on ``row``:
-       the rows must be the same and the gold labels must agree (else ReportError: different examples);
-       d_s = correct_M - correct_R per example in row order (n_s values in {-1, 0, 1}).
-    2. Point estimate: mean over s of 100 * mean(d_s).
-    3. rng = numpy.random.default_rng(seed), fresh for each comparison; for s in S in order,
-       I_s = rng.integers(0, n_s, size=(B, n_s)); replicate b = mean over s of 100 * mean(d_s[I_s[b]]).
-       Both methods get the same resampled rows (the pairing); seeds are averaged, not resampled.
-    4. 95 % CI = numpy.percentile(replicates, [2.5, 97.5]); SE = std(replicates, ddof=1); MDE (80 % power, two-sided
-       alpha 0.05) = (1.96 + 0.84) * SE; p = min(1, 2 * min(#(rep <= 0) + 1, #(rep >= 0) + 1) / (B + 1)).
-
-    Writes ``PREFIX.csv`` (long, one row per comparison, with ``resamples`` and ``bootstrap_seed``; ``epsilon``
-    blank for clean accuracy), ``PREFIX.md`` and ``PREFIX.tex`` (a section per dataset). Runs without per-example
-    files (older metrics without ``predictions``) are skipped with a warning. Returns the unrounded frame.
-    """
-    frame = paired_frame(metrics_paths, summary_paths, resamples, seed)
-    note = PAIRED_NOTE.format(b=resamples, seed=seed)
-    markdown, latex = [], []
-    for dataset, part in frame.groupby("dataset", sort=False):
-        name = dataset_display(dataset)
-        table = _paired_display(part, tex=False).to_markdown(index=False, disable_numparse=True)
-        markdown.append(f"### {name}\n\n{table}\n\n{_power_line(part)}\n\n{_excluding_zero_line(part)}\n")
-        caption = f"Paired differences in accuracy, {name} (B = {resamples:,} bootstrap resamples, seed {seed})."
-        latex.append(
-            _paired_display(part, tex=True).to_latex(
-                index=False, escape=False, caption=caption, label=f"tab:paired:{dataset}"
-            )
-        )
-    if frame.empty:
-        log.warning("no paired comparison possible: no two methods with per-example files on the same dataset")
-        markdown.append("No paired comparison possible: no two methods with per-example files on the same dataset.\n")
-    three = ["method_accuracy", "reference_accuracy", "difference", "ci95_low", "ci95_high", "se", "mde80"]
-    rounded = frame.round({c: 3 for c in three} | {"p_value": 5})
-    out_prefix = Path(out_prefix)
-    write_text(out_prefix.with_name(f"{out_prefix.name}.csv"), rounded.to_csv(index=False, lineterminator="\n"))
-    write_text(out_prefix.with_name(f"{out_prefix.name}.md"), "\n".join(markdown) + "\n" + note + "\n")
-    write_text(out_prefix.with_name(f"{out_prefix.name}.tex"), "\n".join(latex))
-    return frame
-
-
-# --- figures ---------------------------------------------------------------------------------------------------
-
-
-def _save_figure(grid: Any, out_dir: Path, name: str) -> list[Path]:
-    """Save a seaborn grid or matplotlib figure as PDF and PNG, each atomically."""
-    from carlrar.storage import atomic_path
-
-    paths = []
-    for ext in ("pdf", "png"):
-        path = out_dir / f"{name}.{ext}"
-        with atomic_path(path) as tmp:
-            grid.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
-        paths.append(path)
-    return paths
-
-
-def _styles(methods: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """One colour and one marker per method (by canonical position), the same in every figure."""
-    import seaborn as sns
-
-    known = list(METHOD_IDS) + sorted(set(methods).difference(METHOD_IDS))
-    colours = sns.color_palette("colorblind", len(known))
-    markers = ["o", "s", "D", "^", "v", "P", "X", "*"]
-    return (
-        {method_display(m): colours[i] for i, m in enumerate(known)},
-        {method_display(m): markers[i % len(markers)] for i, m in enumerate(known)},
-    )
-
-
-def _accuracy_curve(attacks: pd.DataFrame) -> pd.DataFrame:
-    """Per (dataset, method, epsilon): mean accuracy over seeds and its 95 % t-interval; epsilon 0 is clean."""
-    clean = attacks.groupby(["dataset", "method", "seed"], as_index=False)["clean_accuracy"].first()
-    curve = pd.concat(
-        [
-            clean.rename(columns={"clean_accuracy": "accuracy"}).assign(epsilon=0.0),
-            attacks.rename(columns={"attacked_accuracy": "accuracy"})[
-                ["dataset", "method", "seed", "epsilon", "accuracy"]
-            ],
-        ]
-    ).drop_duplicates(["dataset", "method", "seed", "epsilon"])
-    stats = curve.groupby(["dataset", "method", "epsilon"], as_index=False)["accuracy"].agg(["mean", "std", "count"])
-    bounds = [t_interval(m, s, n) for m, s, n in zip(stats["mean"], stats["std"], stats["count"])]
-    return stats.assign(low=[lo for lo, _ in bounds], high=[hi for _, hi in bounds])
-
-
-def _errorbar(ax: Any, x: Any, y: Any, low: Any, high: Any, name: str, colours: dict, markers: dict) -> None:
-    """Line with markers and (where defined) asymmetric error bars from interval bounds."""
-    y, low, high = (np.asarray(v, dtype=float) for v in (y, low, high))
-    yerr = np.vstack([y - low, high - y]) if not np.isnan(low).all() else None
-    ax.errorbar(
-        x, y, yerr=yerr, label=name, color=colours[name], marker=markers[name], markersize=4, capsize=2.5, lw=1.2
-    )
-
-
-def _robustness_figure(attacks: pd.DataFrame, paired: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Top: accuracy vs epsilon (mean over seeds, 95 % t-interval); bottom: paired difference from FreeLB.
-
-    The bottom row answers the question the top row only suggests (is a method more robust than FreeLB on these
-    examples?) with the paired bootstrap interval of table_paired; it is left out when there is nothing to pair.
-    Base appears there only when it is the sole method besides FreeLB.
-    """
-    import matplotlib.pyplot as plt
-
-    datasets = _order(attacks["dataset"].tolist(), DATASET_IDS)
-    methods = _order(attacks["method"].tolist(), METHOD_IDS)
-    colours, markers = _styles(methods)
-    curve = _accuracy_curve(attacks)
-    versus = paired[paired["reference"] == REFERENCE_METHOD] if len(paired) else paired
-    rows = 2 if len(versus) else 1
-    fig, axes = plt.subplots(rows, len(datasets), figsize=(3.6 * len(datasets), 3.0 * rows), squeeze=False)
-    dodge = 0.012 * max(float(attacks["epsilon"].max()), 1e-9)
-    for col, dataset in enumerate(datasets):
-        ax = axes[0, col]
-        for i, method in enumerate(methods):
-            part = curve[(curve["dataset"] == dataset) & (curve["method"] == method)].sort_values("epsilon")
-            if len(part):
-                x = part["epsilon"] + (i - (len(methods) - 1) / 2) * dodge
-                _errorbar(ax, x, part["mean"], part["low"], part["high"], method_display(method), colours, markers)
-        ax.set_title(dataset_display(dataset))
-        if rows == 2:
-            _difference_panel(axes[1, col], versus[versus["dataset"] == dataset], methods, dodge, colours, markers)
-        axes[-1, col].set_xlabel("ε (l2 radius of k-PGD; 0 = clean)")
-    axes[0, 0].set_ylabel("accuracy (%)\nmean over seeds, 95 % t-CI")
-    if rows == 2:
-        axes[1, 0].set_ylabel("difference from FreeLB (points)\npaired bootstrap 95 % CI")
-    entries = {}  # every method once, from all panels (a method may be missing on some datasets)
-    for ax in axes[0]:
-        entries.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels())})
-    legend = {"loc": "lower center", "ncol": len(entries), "frameon": False, "bbox_to_anchor": (0.5, -0.06)}
-    fig.legend(list(entries.values()), list(entries.keys()), **legend)
-    fig.tight_layout()
-    return _save_figure(fig, out_dir, "robustness_vs_epsilon")
-
-
-def _difference_panel(
-    ax: Any, part: pd.DataFrame, methods: list[str], dodge: float, colours: dict, markers: dict
-) -> None:
-    """Method minus FreeLB per epsilon (clean at 0) with its paired-bootstrap interval, and the zero line."""
-    ax.axhline(0.0, color="0.3", lw=0.8, zorder=0)
-    if part.empty:
-        ax.text(0.5, 0.5, "no FreeLB runs to compare", ha="center", va="center", transform=ax.transAxes)
-        return
-    if set(part["method"]) - {"base"}:  # base's large gap (clear in the top row) would squash the others' scale
-        part = part[part["method"] != "base"]
-    for i, method in enumerate(methods):
-        rows = part[part["method"] == method].assign(x=lambda f: f["epsilon"].fillna(0.0)).sort_values("x")
-        if len(rows):
-            x = rows["x"] + (i - (len(methods) - 1) / 2) * dodge
-            name = method_display(method)
-            _errorbar(ax, x, rows["difference"], rows["ci95_low"], rows["ci95_high"], name, colours, markers)
-
-
-def _log_axis(axis: Any) -> None:
-    """Log scale labelled at 1, 2 and 5 per decade in plain numbers (the default 2x10^-3 labels collide)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    axis.axes.set_xscale("log") if axis.axis_name == "x" else axis.axes.set_yscale("log")
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(NullFormatter())
-
-
-def _distance_axis(axis: Any, values: pd.Series) -> None:
-    """Log scale where the values span a factor of 4 or more (ratios then read best), else linear, zoomed to them."""
-    from matplotlib.ticker import MaxNLocator
-
-    if (values > 0).all() and values.max() >= 4 * values.min():
-        _log_axis(axis)
-    else:
-        axis.set_major_locator(MaxNLocator(nbins=4))
-
-
-def _distance_figure(attacks: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Representation distance per method: dot plots, methods on the y axis, 1 - cosine and Euclidean distance.
-
-    Cosine similarities sit near 1, so a 0-1 axis shows identical bars; 1 - cosine, on a log axis where it spans a
-    factor of 4 or more (several epsilons) and else zoomed to the data, shows the differences the table's third
-    decimal hides. Each panel has its own axis (no zero baseline: dots, not bars); bars span the seeds' range.
-    """
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    datasets = _order(attacks["dataset"].tolist(), DATASET_IDS)
-    order = [method_display(m) for m in _order(attacks["method"].tolist(), METHOD_IDS)]
-    frame = attacks.assign(
-        method=attacks["method"].map(method_display),
-        eps=attacks["epsilon"].map(lambda e: f"ε = {e:g}"),
-        one_minus_cosine=1.0 - attacks["mean_cosine"],
-    )
-    hue_order = [f"ε = {e:g}" for e in sorted(attacks["epsilon"].unique())]
-    measures = [("one_minus_cosine", "1 − cosine similarity"), ("mean_euclidean", "Euclidean distance")]
-    dodge = 0.5 if len(hue_order) > 1 else False  # seaborn divides by (levels - 1) when dodging
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(9.0, 0.45 * len(order) * len(datasets) + 1.2), squeeze=False)
-    for row, dataset in enumerate(datasets):
-        part = frame[frame["dataset"] == dataset]
-        for col, (value, title) in enumerate(measures):
-            ax = axes[row, col]
-            sns.pointplot(
-                data=part, x=value, y="method", hue="eps", order=order, hue_order=hue_order, dodge=dodge,
-                linestyle="none", errorbar=("pi", 100), markersize=4, capsize=0.15, err_kws={"linewidth": 1},
-                palette="viridis", legend=row == 0 and col == 1, ax=ax,
-            )  # fmt: skip
-            _distance_axis(ax.xaxis, part[value])
-            ax.set_title(f"{dataset_display(dataset)}: {title}")
-            ax.set_ylabel("")
-            ax.set_xlabel(title + (" (log scale)" if ax.get_xscale() == "log" else ""))
-            ax.tick_params(labelleft=col == 0)
-    legend = axes[0, 1].get_legend()
-    if legend is not None:
-        sns.move_legend(axes[0, 1], "upper left", bbox_to_anchor=(1.02, 1.0), title="attack radius", frameon=False)
-    fig.text(0.01, -0.01, "Mean over seeds; bars span the lowest to the highest seed.", fontsize=7, ha="left")
-    fig.tight_layout()
-    return _save_figure(fig, out_dir, "representation_distance")
-
-
-def _learning_curves_figure(metrics_paths: list[Path], out_dir: Path) -> list[Path]:
-    """Dev accuracy per evaluation, one panel per dataset: mean over seeds with markers, band ± 1 sd."""
-    import seaborn as sns
-
-    history = []
-    for path in map(Path, metrics_paths):
-        m = read_json(path, "metrics file")
-        history += [
-            {"dataset": m["dataset"], "method": m["method"], "seed": m["seed"], "epoch": h["epoch"]}
-            | {"dev accuracy (%)": 100.0 * h["dev_accuracy"]}
-            for h in m.get("history", [])
-        ]
-    if not history:
-        return []
-    frame = pd.DataFrame(history)
-    methods = _order(frame["method"].tolist(), METHOD_IDS)
-    colours, markers = _styles(methods)
-    datasets = _order(frame["dataset"].tolist(), DATASET_IDS)
-    frame = frame.assign(
-        method=frame["method"].map(method_display),
-        dataset=frame["dataset"].map(dataset_display),
-    )
-    names = [method_display(m) for m in methods]
-    grid = sns.relplot(
-        data=frame, x="epoch", y="dev accuracy (%)", hue="method", style="method", hue_order=names,
-        style_order=names, palette=colours, markers=markers, dashes=False, col="dataset",
-        col_order=[dataset_display(d) for d in datasets], col_wrap=min(2, len(datasets)), kind="line",
-        errorbar="sd", err_kws={"alpha": 0.15}, markersize=5, linewidth=1.3, height=3.0, aspect=1.4,
-        facet_kws={"sharey": False, "sharex": False},
-    )  # fmt: skip
-    grid.set_titles("{col_name}")
-    grid.legend.set_title("mean over seeds\n(band: ± 1 sd)")
-    return _save_figure(grid, out_dir, "learning_curves")
-
-
-def write_figures(
-    metrics_paths: list[Path],
-    summary_paths: list[Path],
-    out_dir: Path,
-    paired: pd.DataFrame | Path | str | None = None,
-) -> list[Path]:
-    """Accuracy under attack against epsilon, representation distance, and dev-accuracy learning curves.
-
-    ``paired`` gives the robustness figure its bottom row (difference from FreeLB with the paired bootstrap
-    interval): ``table_paired.csv``, or the frame of :func:`paired_frame`; None computes it from the
-    per-example files beside the metrics and summaries (runs without them are skipped with a warning).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="paper")
-    out_dir = Path(out_dir)
-    attacks = attack_frame(summary_paths)
-    if paired is None:
-        paired = paired_frame(metrics_paths, summary_paths)
-    elif not isinstance(paired, pd.DataFrame):
-        paired = pd.read_csv(paired)
-    written: list[Path] = []
-    for draw in (
-        lambda: _robustness_figure(attacks, paired, out_dir),
-        lambda: _distance_figure(attacks, out_dir),
-        lambda: _learning_curves_figure(metrics_paths, out_dir),
-    ):
-        written += draw()
-        plt.close("all")
-    return written

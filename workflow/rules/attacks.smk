@@ -91,7 +91,7 @@ rule figures:
         metrics=metrics_files(),
         summaries=attack_summaries(),
         paired=f"{TABLES}/table_paired.csv",  # the differences from FreeLB, bootstrapped once (rule paired_table)
-        code=code_inputs(TABLE_CODE),
+        code=code_inputs(FIGURE_CODE),
     output:
         [report(f"{FIGURES}/{name}.{ext}", caption="../report/figures.rst", category="Figures",
                 labels={"figure": name}) if ext == "png" else f"{FIGURES}/{name}.{ext}"

@@ -165,6 +165,8 @@ TRAIN_CODE = module_closure("training.py")
 WARMUP_CODE = module_closure("rar_warmup.py")
 ATTACK_CODE = module_closure("attacks.py")
 TABLE_CODE = module_closure("reporting.py")
+PAIRED_CODE = module_closure("paired.py")
+FIGURE_CODE = module_closure("figures.py")
 HPSEARCH_SELECT_CODE = module_closure("hpsearch.py")
 
 

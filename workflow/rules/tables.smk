@@ -48,7 +48,7 @@ rule paired_table:
     input:
         metrics=metrics_files(),
         summaries=attack_summaries(),
-        code=code_inputs(TABLE_CODE),
+        code=code_inputs(PAIRED_CODE),
     output:
         [report(f"{TABLES}/table_paired.{ext}", caption="../report/paired.rst", category="Tables",
                 labels={"table": "paired differences", "format": ext}) if ext in ("md", "csv")
