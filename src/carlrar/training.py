@@ -468,7 +468,7 @@ def _finish(run: _Run, manifest: dict[str, Any], data_dir: Path, reconstruction:
         objective.load_state_dict({k.removeprefix("rar."): v for k, v in best.items() if k.startswith("rar.")})
         reconstruction["end"] = token_accuracy(run.model, objective.reconstructor, run.dev_batches())
     # The best weights' prediction for every example of the evaluated split: paired comparisons between methods
-    # (carlrar.reporting) need per-example outcomes, not just the accuracy.
+    # (carlrar.paired) need per-example outcomes, not just the accuracy.
     _, predictions = run.evaluate(evaluated)
     write_predictions(run.run_dir / PREDICTIONS_FILE, run.splits[evaluated].labels, predictions)
     return {
