@@ -208,12 +208,17 @@ def adversarial_backward(
     held: Tensor | None = None  # the first pass's loss when its backward joins the last pass's
     for t in range(passes):
         last = t == passes - 1
+        keep = t == 0 and reuse_first and clean_graph and not last  # pass 1's graph serves the last backward too
         rng.restore()
-        if delta is not None:
+        if delta is not None and not keep:
             delta.requires_grad_()
         with autocast_context(device, amp_dtype):
-            embeds = model.embed(batch.input_ids)
-            out = model(inputs_embeds=embeds if delta is None else embeds + delta, attention_mask=mask)
+            inputs = model.embed(batch.input_ids)
+            if delta is not None:
+                inputs = inputs + delta
+            if keep and not inputs.requires_grad:
+                inputs.requires_grad_()  # frozen word embeddings: the sum is a leaf
+            out = model(inputs_embeds=inputs, attention_mask=mask)
         loss = F.cross_entropy(out.logits.float(), batch.labels) / passes
         losses["ce"] += loss.detach()
         if t == 0 and reuse_first:
@@ -228,16 +233,19 @@ def adversarial_backward(
                     losses[aux.name] = extra.detach()
             if held is not None:
                 loss = loss + held
-        if t == 0 and reuse_first and clean_graph and not last:
-            assert delta is not None
-            (grad,) = torch.autograd.grad(loss, delta, retain_graph=True)
+        if keep:
+            # delta's gradient is the gradient of embeds + delta; taken there (inputs only, parameter .grad untouched),
+            # the kept graph holds no leaf for the spent delta
+            (grad,) = torch.autograd.grad(loss, inputs, retain_graph=True)
             held = loss
         else:
             loss.backward()
             grad = delta.grad if delta is not None else None
+        del inputs
         if not last:
             assert freelb is not None and delta is not None and grad is not None
             delta = freelb.ascend(delta, grad, mask)
+            del grad  # the previous delta's gradient: not kept through the next pass
     assert views is not None
     for aux in auxiliaries:
         aux.after_backward(views, step)
