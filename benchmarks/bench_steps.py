@@ -1,5 +1,5 @@
-"""Training-step cost of base, FreeLB, CARL (loss on, and in its bank-writing window) and RAR; memory of a step and of
-CARL's loss.
+"""Training-step cost of base, FreeLB, CARL (loss on, and in its bank-writing window) and RAR; memory of the passes
+and of CARL's loss.
 
 Measures, in one run:
 
@@ -29,8 +29,8 @@ Measures, in one run:
    allocation and free inside the call, in order, so the peak is exact; on CUDA it is
    torch.cuda.max_memory_allocated.
 
-    python benchmarks/bench_steps.py                 # full run (about 12 minutes on 2 idle CPU cores)
-    python benchmarks/bench_steps.py --quick         # about 2 minutes: small ALBERT batches, fewer rounds
+    python benchmarks/bench_steps.py                 # full run (about 15 minutes on 2 idle CPU cores)
+    python benchmarks/bench_steps.py --quick         # a few minutes: small ALBERT batches, fewer rounds
     python benchmarks/bench_steps.py --skip albert,albert_ag,memory --minilm-rounds 20   # MiniLM cases only
     python benchmarks/bench_steps.py --json out.json # also write every figure as JSON
 """
@@ -73,9 +73,10 @@ PARTS = (*CASES, "step-memory", "memory")
 BANK_WINDOW_TAU = 10**9  # carl_bank: tau never reached, the banks written every step (the epoch before tau)
 MiB = 2**20
 RUNTIME_NOTE = (
-    "Runtime on an idle 2-core CPU: about 12 minutes by default (ALBERT at batch 32 x 64 costs about 8 s per "
-    "forward+backward there), about 2 minutes with --quick; on a shared, loaded machine two to four times more, "
-    "and the timings are then unreliable. Per-step times go to stderr as they are measured."
+    "Runtime on an idle 2-core CPU: about 15 minutes by default (ALBERT at batch 32 x 64 costs about 8 s per "
+    "forward+backward there; 18 minutes at --threads 1 --albert-rounds 3), a few minutes with --quick; on a shared, "
+    "loaded machine two to four times more, and the timings are then unreliable (--threads 1 is steadier there). "
+    "Per-step times go to stderr as they are measured."
 )
 
 
@@ -134,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="about 2 minutes on 2 idle CPU cores: ALBERT batches of 8 x 16 tokens, 1 timed round, 3 MiniLM "
+        help="a few minutes on 2 idle CPU cores: ALBERT batches of 8 x 16 tokens, 1 timed round, 3 MiniLM "
         "rounds, m in 1000,4000,16000",
     )
     p.add_argument(
