@@ -1,52 +1,42 @@
 """Training-step cost of base, FreeLB, CARL (loss on, and in its bank-writing window) and RAR; memory of the passes
 and of CARL's loss.
 
-Measures, in one run:
+One run measures, for each case (model x dataset), every method's training step (all forward-backward passes of
+carlrar.adversary.adversarial_backward, clipping, the AdamW step), built as ``carlrar train`` builds it
+(carlrar.methods.build_method) at the dataset's Table 1/9 values in ``--config``:
 
-1. Step time (all forward-backward passes + gradient clipping + the optimizer step) and samples/second of
-   base, freelb, carl (L_D on, banks written), carl_bank (CARL before tau: banks written, no loss) and rar, in
-   four cases: two FreeLB settings of Table 1 on two models.
-   (a) ``albert``: the albert-base-v2 architecture with random weights (only its config is needed: ``--albert``),
-       2 classes, batch 32 x 64 tokens, SST-2's FreeLB values (init_mag 0.6, adv_lr 0.1, K = 2), CARL with banks
-       of 67,349 rows (SST-2's training set; random labels in SST-2's proportions), pre-filled, m = 16,000, RAR
-       with w_r = 0.1;
-   (b) ``albert_ag``: the same model with AG's News's values from ``config/config.yaml`` (init_mag 0, adv_lr 0.01,
-       K = 3; Table 9's batch of 16), 4 classes, banks of 60,000 rows (15,000 per class), m = 16,000;
-   (c) ``minilm``: MiniLM (``minilm-l6``, real weights) with real, dynamically padded SST-2 batches from
-       ``$RAW_DIR/sst2/train.tsv`` (CARL's banks hold every training row, with the real labels);
-   (d) ``minilm_ag``: MiniLM on real AG's News batches of 16 from ``$RAW_DIR/ag_news`` (train.csv, else
-       train_partial.csv) with AG's News's values; the banks hold every row of that file with its label.
-   Methods run round-robin (one step of each per round, the same batch) so that a change in machine load hits all
-   alike; the figures are medians over the timed rounds, after warm-up, and the medians of the per-round ratios.
-   At init_mag 0 FreeLB's first pass is CARL's clean view (carlrar.adversary.adversarial_backward), so carl costs
-   little more than freelb; at init_mag > 0 the clean forward-backward is an extra pass.
-2. Peak memory of each method's forward-backward passes per case (``step-memory``; ``adversarial_backward``
-   alone), above what is allocated before them (weights, AdamW's states, banks): activations, the graphs kept for
-   a later backward, the gradients.
-3. The peak extra memory of L_D alone (forward + backward, banks excluded) as m grows, for two batch
-   sizes: it should follow classes x m x dim (one [m, dim] gather per class and bank), not batch x m x dim.
-   Memory is counted on CPU from the allocator's events (torch.profiler, profile_memory=True): every tensor
-   allocation and free inside the call, in order, so the peak is exact; on CUDA it is
-   torch.cuda.max_memory_allocated.
+    albert     albert-base-v2's architecture, random weights, SST-2 (batch 32 x 64 tokens, K = 2, init_mag 0.6)
+    albert_ag  the same model, AG's News (batch 16 x 128 tokens, K = 3, init_mag 0)
+    minilm     MiniLM-L6 (real weights), real SST-2 training batches, dynamically padded
+    minilm_ag  MiniLM-L6, real AG's News training batches
 
-    python benchmarks/bench_steps.py                 # full run (about 15 minutes on 2 idle CPU cores)
-    python benchmarks/bench_steps.py --quick         # a few minutes: small ALBERT batches, fewer rounds
-    python benchmarks/bench_steps.py --skip albert,albert_ag,memory --minilm-rounds 20   # MiniLM cases only
-    python benchmarks/bench_steps.py --json out.json # also write every figure as JSON
+carl has L_D on and its banks written; carl_bank is CARL before tau (banks written, no loss); CARL's banks hold a
+row per training example (random rows, as after the bank-writing epoch), m from the config. Methods run round-robin
+(one step of each per round, on the same batch) so that a change of machine load hits all alike: the figures are
+medians over the timed rounds, and the medians of the per-round ratios. At init_mag 0 FreeLB's first pass is CARL's
+clean view, so carl costs little more than freelb; at init_mag > 0 the clean forward-backward is an extra pass.
+
+``step-memory``: peak memory of each method's passes above what is allocated before them (weights, AdamW's states,
+banks). ``memory``: peak extra memory of L_D alone as m grows, which should follow classes x m x dim, not batch x m x
+dim. On CPU memory is counted exactly from the allocator's events (torch.profiler), on CUDA by max_memory_allocated.
+
+    python benchmarks/bench_steps.py                      # every part (about 20 minutes on 2 idle CPU cores)
+    python benchmarks/bench_steps.py --quick              # a few minutes: short ALBERT batches, few rounds
+    python benchmarks/bench_steps.py --parts minilm_ag --methods freelb,carl,carl_bank --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
-import logging
 import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,417 +44,207 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
-from _common import SST2_POSITIVE, SST2_ROWS, prefilled_carl, sync, timed  # noqa: E402  (benchmarks/_common.py)
-from torch import Tensor, nn  # noqa: E402
+from _common import (  # noqa: E402  (benchmarks/_common.py)
+    ROOT,
+    MiB,
+    ModelSpec,
+    Shape,
+    Trainer,
+    albert_spec,
+    build_trainer,
+    dataset_shape,
+    machine_info,
+    markdown_table,
+    minilm_spec,
+    prefilled_carl,
+    quiet,
+    step_batch,
+    sync,
+    timed,
+    train_step,
+)
+from torch import Tensor  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
-from carlrar.adversary import AuxiliaryLoss, Batch, FreeLB, adversarial_backward  # noqa: E402
-from carlrar.config import FreeLBConfig, load_config  # noqa: E402
+from carlrar.adversary import Batch, adversarial_backward  # noqa: E402
+from carlrar.config import Config, load_config  # noqa: E402
 from carlrar.contrastive import CARLLoss, CARLObjective  # noqa: E402
 from carlrar.data import DATASETS, read_file  # noqa: E402
-from carlrar.models import TextClassifier, load_model  # noqa: E402
-from carlrar.reconstruction import RARObjective, build_reconstructor  # noqa: E402
+from carlrar.errors import CarlrarError  # noqa: E402
+from carlrar.host_memory import keep_host_memory  # noqa: E402
+from carlrar.models import resolve_source  # noqa: E402
+from carlrar.storage import check_output_file, write_json  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("base", "freelb", "carl", "carl_bank", "rar")
 RATIOS = (("freelb", "base"), ("carl", "freelb"), ("carl_bank", "freelb"), ("rar", "freelb"))
-CASES = ("albert", "albert_ag", "minilm", "minilm_ag")
+CASES = {"albert": ("albert", "sst2"), "albert_ag": ("albert", "ag_news"), "minilm": ("minilm", "sst2")}
+CASES |= {"minilm_ag": ("minilm", "ag_news")}
 PARTS = (*CASES, "step-memory", "memory")
-BANK_WINDOW_TAU = 10**9  # carl_bank: tau never reached, the banks written every step (the epoch before tau)
-MiB = 2**20
-RUNTIME_NOTE = (
-    "Runtime on an idle 2-core CPU: about 15 minutes by default (ALBERT at batch 32 x 64 costs about 8 s per "
-    "forward+backward there; 18 minutes at --threads 1 --albert-rounds 3), a few minutes with --quick; on a shared, "
-    "loaded machine two to four times more, and the timings are then unreliable (--threads 1 is steadier there). "
-    "Per-step times go to stderr as they are measured."
-)
-
-
-# --- command line ------------------------------------------------------------------------------------------------
+ALBERT_LENGTHS = {"sst2": 64, "ag_news": 128}  # tokens per example: SST-2's sentences are short
+BANK_WINDOW = 10**9  # carl_bank's tau: never reached, so the banks are written and L_D never runs
+SWEEP = {"m": (1000, 2000, 4000, 8000, 16000), "batch": (8, 32), "classes": (2, 4), "dim": 768, "rows": 67_349}
+# Issue 13's targets: CARL's extra cost over FreeLB at init_mag 0 (the first pass is the clean view), at init_mag > 0
+# (the clean forward-backward is a pass of its own), and in the bank-writing window (no L_D, no graph).
+GOALS = [("carl/freelb", key, 1.15) for key in ("albert_ag", "minilm_ag")]
+GOALS += [("carl/freelb", key, 1.55) for key in ("albert", "minilm")]
+GOALS += [("carl_bank/freelb", key, 1.10) for key in CASES]
+QUICK = {"seq_len": 16, "batch": 8, "albert": (0, 1), "minilm": (1, 3), "m": (1000, 4000, 16000)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog=RUNTIME_NOTE,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
-    p.add_argument(
-        "--albert",
-        default=str(ROOT.parent / "shared" / "albert"),
-        help="folder with albert-base-v2's config.json and tokenizer (weights are random)",
-    )
+    p.add_argument("--parts", default=",".join(PARTS), help="comma list of: " + ", ".join(PARTS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of: " + ", ".join(METHODS))
+    p.add_argument("--albert-rounds", type=int, default=3, help="timed rounds of the ALBERT cases (default 3)")
+    p.add_argument("--minilm-rounds", type=int, default=10, help="timed rounds of the MiniLM cases (default 10)")
+    p.add_argument("--quick", action="store_true", help="ALBERT batches of 8 x 16 tokens, 1 round, 3 MiniLM rounds")
+    p.add_argument("--config", type=Path, default=ROOT / "config" / "config.yaml", help="where the values come from")
+    p.add_argument("--albert", type=Path, default=ROOT.parent / "shared" / "albert", help="albert-base-v2's config")
     p.add_argument(
         "--raw-dir",
-        default=os.environ.get("RAW_DIR", str(ROOT.parent / "shared" / "data")),
-        help="folder holding sst2/train.tsv (default: $RAW_DIR or ../shared/data)",
-    )
-    p.add_argument(
-        "--config",
         type=Path,
-        default=ROOT / "config" / "config.yaml",
-        help="where the AG's News cases take FreeLB's values, the batch size, m and the bank size from",
+        default=Path(os.environ.get("RAW_DIR", ROOT.parent / "shared" / "data")),
+        help="folder with sst2/train.tsv and ag_news/train.csv (or train_partial.csv); default $RAW_DIR",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="batch of the SST-2 cases")
-    p.add_argument("--ag-batch-size", type=int, default=None, help="batch of the AG's News cases (default: config's)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per example in the ALBERT cases")
-    p.add_argument("--adv-steps", type=int, default=2, help="FreeLB K of the SST-2 cases (SST-2: 2)")
-    p.add_argument("--init-mag", type=float, default=0.6, help="of the SST-2 cases")
-    p.add_argument("--adv-lr", type=float, default=0.1, help="of the SST-2 cases")
-    p.add_argument("--bank-rows", type=int, default=SST2_ROWS, help="rows of the ALBERT SST-2 case's memory banks")
-    p.add_argument("--negatives", type=int, default=16_000, help="CARL's m in the SST-2 cases")
-    p.add_argument("--rar-weight", type=float, default=0.1)
-    p.add_argument("--albert-rounds", type=int, default=2, help="timed rounds (one step per method) for ALBERT")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads; 1 is steadier on a loaded machine")
     p.add_argument(
-        "--albert-warmup",
-        type=int,
-        default=0,
-        help="full-size warm-up rounds for ALBERT (a short-batch warm-up step always runs)",
-    )
-    p.add_argument("--minilm-rounds", type=int, default=10, help="timed rounds for MiniLM")
-    p.add_argument("--minilm-warmup", type=int, default=2)
-    p.add_argument("--mem-m", default="1000,2000,4000,8000,16000", help="m values of the memory sweep")
-    p.add_argument("--mem-batches", default="8,32", help="batch sizes of the memory sweep")
-    p.add_argument(
-        "--mem-classes", default="2,4", help="class counts of the memory sweep (the extra ones at the largest m only)"
-    )
-    p.add_argument("--mem-dim", type=int, default=768, help="representation size in the memory sweep (ALBERT: 768)")
-    p.add_argument("--skip", default="", help=f"comma list of parts to skip: {', '.join(PARTS)}")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of the methods to run")
-    p.add_argument(
-        "--quick",
+        "--release-host-memory",
         action="store_true",
-        help="a few minutes on 2 idle CPU cores: ALBERT batches of 8 x 16 tokens, 1 timed round, 3 MiniLM "
-        "rounds, m in 1000,4000,16000",
+        help="leave glibc's malloc at its default, which gives freed memory back to the kernel (carlrar's CLI keeps "
+        "it: carlrar.host_memory); a run with and one without measure what that is worth",
     )
-    p.add_argument(
-        "--amp",
-        choices=["auto", "bf16", "off"],
-        default="auto",
-        help="bf16 autocast (auto: on for CUDA, as in training; never on CPU)",
-    )
-    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write all figures to this JSON file")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write every figure here")
+    p.add_argument("--report", type=Path, default=None, metavar="JSON", help="print a saved run's tables")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's choice, one per core); 1 is steadier on a loaded machine",
-    )
     args = p.parse_args(argv)
-    ag = load_config(args.config).dataset("ag_news")
-    args.ag_freelb, args.ag_negatives = ag.freelb, ag.carl.negatives
-    args.ag_rows = 4 * int(ag.per_class["train"])  # the paper's AG's News training set: 15,000 per class
-    args.ag_batch_size = args.ag_batch_size or ag.batch_size
-    if args.quick:
-        args.batch_size, args.seq_len = min(args.batch_size, 8), min(args.seq_len, 16)
-        args.ag_batch_size = min(args.ag_batch_size, 8)
-        args.albert_rounds, args.albert_warmup, args.minilm_rounds, args.minilm_warmup = 1, 0, 3, 1
-        args.mem_m = "1000,4000,16000"
-    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    args.methods = [m for m in METHODS if m in {s.strip() for s in args.methods.split(",")}]
-    if not args.methods:
-        p.error(f"--methods: choose among {', '.join(METHODS)}")
-    if args.skip - set(PARTS):
-        p.error(f"--skip: unknown part(s) {', '.join(sorted(args.skip - set(PARTS)))}; parts are {', '.join(PARTS)}")
+    for flag, allowed in (("parts", PARTS), ("methods", METHODS)):
+        given = {s.strip() for s in getattr(args, flag).split(",") if s.strip()}
+        if not given or given - set(allowed):
+            named = f"unknown {', '.join(sorted(given - set(allowed)))}" if given else "none given"
+            p.error(f"--{flag}: {named}; choose from {', '.join(allowed)}")
+        setattr(args, flag, [a for a in allowed if a in given])
+    if args.albert_rounds < 1 or args.minilm_rounds < 1:
+        p.error("--albert-rounds and --minilm-rounds must be at least 1")
     return args
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"--device {name}: CUDA is not available here")
+        raise CarlrarError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
     return device
 
 
-# --- methods and one training step -------------------------------------------------------------------------------
+# --- the cases ---------------------------------------------------------------------------------------------------
 
 
-class Method:
-    def __init__(
-        self, name: str, freelb: FreeLB | None, auxiliaries: list[AuxiliaryLoss], model: TextClassifier
-    ) -> None:
-        self.name, self.freelb, self.auxiliaries = name, freelb, auxiliaries
-        seen: dict[int, nn.Parameter] = {}
-        for module in [model, *[a for a in auxiliaries if isinstance(a, nn.Module)]]:
-            for p in module.parameters():
-                seen.setdefault(id(p), p)
-        self.params = list(seen.values())
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5)
+@dataclass
+class Case:
+    """One model at one dataset's values: how to build it, its training labels, and its batches in order."""
+
+    key: str
+    spec: ModelSpec
+    shape: Shape
+    labels: Tensor | None  # None: random labels in the dataset's proportions (carlrar's bank_labels)
+    batches: Callable[[Trainer, int], Batch]  # the batch of round r
+    warmup: int
+    rounds: int
 
 
-def build_methods(
-    model: TextClassifier,
-    model_name: str,
-    labels: Tensor,
-    freelb_config: FreeLBConfig,
-    negatives: int,
-    args: argparse.Namespace,
-    device: torch.device,
-) -> dict[str, Method]:
-    freelb = FreeLB(freelb_config)
-    contrast = prefilled_carl(labels, model.config.hidden_size, negatives, device, args.seed)
-    carl = CARLObjective(contrast, start_step=0, bank_start_step=0)  # loss on, banks written every step
-    carl_bank = CARLObjective(contrast, start_step=BANK_WINDOW_TAU, bank_start_step=0)  # banks only (before tau)
-    logging.getLogger("carlrar.reconstruction").setLevel(logging.ERROR)  # MiniLM has no pretrained MLM head
-    rar = RARObjective(build_reconstructor(model, model_name), weight=args.rar_weight).to(device)
-    methods = {
-        "base": lambda: Method("base", None, [], model),
-        "freelb": lambda: Method("freelb", freelb, [], model),
-        "carl": lambda: Method("carl", freelb, [carl], model),
-        "carl_bank": lambda: Method("carl_bank", freelb, [carl_bank], model),
-        "rar": lambda: Method("rar", freelb, [rar], model),
-    }
-    return {name: methods[name]() for name in args.methods}
+def albert_case(key: str, dataset: str, config: Config, args: argparse.Namespace) -> Case:
+    shape = dataset_shape(config, dataset, ALBERT_LENGTHS[dataset])
+    warmup, rounds = QUICK["albert"] if args.quick else (1, args.albert_rounds)
+    if args.quick:
+        shape = dataclasses.replace(shape, batch_size=QUICK["batch"], seq_len=QUICK["seq_len"])
+    batches = functools.partial(step_batch, shape=shape, seed=args.seed)
+    return Case(key, albert_spec(args.albert), shape, None, lambda tr, r: batches(tr, step=r), warmup, rounds)
 
 
-def train_step(model: TextClassifier, method: Method, batch: Batch, amp: torch.dtype | None, step: int = 1) -> dict:
-    out = adversarial_backward(model, batch, method.freelb, method.auxiliaries, step=step, amp_dtype=amp)
-    torch.nn.utils.clip_grad_norm_(method.params, 1.0)
-    method.optimizer.step()
-    method.optimizer.zero_grad(set_to_none=True)
-    return out.losses
+def minilm_case(key: str, dataset: str, config: Config, args: argparse.Namespace) -> Case:
+    """Real training rows, tokenised and dynamically padded (SPEC 3); the banks hold every row of the file."""
+    names = ["train.tsv"] if dataset == "sst2" else ["train.csv", "train_partial.csv"]
+    path = next((args.raw_dir / dataset / n for n in names if (args.raw_dir / dataset / n).is_file()), None)
+    if path is None:
+        raise CarlrarError(
+            f"{args.raw_dir / dataset} holds none of {names}: pass --raw-dir, or leave out --parts {key}"
+        )
+    split = read_file(path, DATASETS[dataset])
+    labels = torch.tensor(split.labels)
+    shape = dataclasses.replace(dataset_shape(config, dataset), bank_rows=len(labels))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))
+    spec = minilm_spec()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(spec.name))
+
+    def batch(tr: Trainer, r: int) -> Batch:
+        rows = order[r * shape.batch_size : (r + 1) * shape.batch_size]
+        texts = [split.texts[i] for i in rows.tolist()]
+        enc = tokenizer(texts, truncation=True, max_length=shape.seq_len, padding=True, return_tensors="pt")
+        return Batch(enc["input_ids"], enc["attention_mask"], labels[rows], rows)
+
+    warmup, rounds = QUICK["minilm"] if args.quick else (2, args.minilm_rounds)
+    return Case(key, spec, shape, labels, batch, warmup, rounds)
 
 
-def time_methods(
-    model: TextClassifier,
-    methods: dict[str, Method],
-    next_batch: Callable[[], Batch],
-    warm_batch: Batch | None,
-    warmup: int,
-    rounds: int,
-    device: torch.device,
-    amp: torch.dtype | None,
-    label: str,
-) -> dict[str, dict[str, Any]]:
-    """Round-robin: every round runs one step of each method on the same batch; medians over timed rounds."""
-    model.train()
-    if warm_batch is not None:  # allocates optimizer states and warms the kernels at little cost
-        for method in methods.values():
-            train_step(model, method, warm_batch.to(device), amp)
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    cpu_times: dict[str, list[float]] = {name: [] for name in methods}
-    tokens: list[int] = []
+def trainers(case: Case, config: Config, args: argparse.Namespace, device: torch.device) -> dict[str, Trainer]:
+    """One trainer per method, each from the same initial weights; carl_bank is carl with tau out of reach."""
+    built = {}
+    for name in args.methods:
+        method, tau = ("carl", BANK_WINDOW) if name == "carl_bank" else (name, 0)
+        built[name] = build_trainer(config, case.spec, case.shape, method, args.seed, device, case.labels, tau)
+    return built
+
+
+# --- measurements ------------------------------------------------------------------------------------------------
+
+
+def time_rounds(case: Case, trs: dict[str, Trainer], device: torch.device, amp: torch.dtype | None) -> dict:
+    """Round-robin over the methods; per method the step times, median, fastest and last losses."""
+    first = next(iter(trs.values()))
+    times: dict[str, list[float]] = {name: [] for name in trs}
+    cpu: dict[str, list[float]] = {name: [] for name in trs}
     losses: dict[str, dict] = {}
-    batch_size = 0
-    for r in range(warmup + rounds):
-        batch = next_batch().to(device)
-        batch_size = len(batch.labels)
-        for name, method in methods.items():
-            losses[name], timing = timed(functools.partial(train_step, model, method, batch, amp), device)
-            elapsed, elapsed_cpu = timing.wall_s, timing.cpu_s
-            if r >= warmup:
-                times[name].append(elapsed)
-                cpu_times[name].append(elapsed_cpu)
-            print(
-                f"  [{label}] round {r + 1}/{warmup + rounds}{' (warm-up)' if r < warmup else ''} "
-                f"{name}: {elapsed:.2f} s (process CPU {elapsed_cpu:.2f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
-        if r >= warmup:
-            tokens.append(int(batch.attention_mask.sum()))
-    assert "carl" not in methods or "carl" in losses["carl"], "CARL's loss was not active"
-    assert "carl_bank" not in methods or "carl" not in losses["carl_bank"], "CARL's loss was on in its bank window"
-    round_ratios = {
-        f"{a}/{b}": statistics.median(x / y for x, y in zip(times[a], times[b]))
-        for a, b in RATIOS
-        if a in times and b in times
-    }
-    return {
+    tokens = []
+    for r in range(case.warmup + case.rounds):
+        batch = case.batches(first, r).to(device)
+        for name, tr in trs.items():
+            tr.model.train()
+            losses[name], timing = timed(functools.partial(train_step, tr, batch, r, amp), device)
+            if r >= case.warmup:
+                times[name].append(timing.wall_s)
+                cpu[name].append(timing.cpu_s)
+            note = " (warm-up)" if r < case.warmup else ""
+            print(f"  [{case.key}] round {r + 1}{note} {name}: {timing.wall_s:.2f} s", file=sys.stderr, flush=True)
+        tokens.append(int(batch.attention_mask.sum()))
+    assert "carl" not in losses or "carl" in losses["carl"], "CARL's loss was not on"
+    assert "carl_bank" not in losses or "carl" not in losses["carl_bank"], "CARL's loss ran in its bank window"
+    per_method = {
         name: {
             "step_s": statistics.median(ts),
-            "steps_timed": len(ts),
-            "all_step_s": ts,
             "min_step_s": min(ts),
-            "cpu_s": statistics.median(cpu_times[name]),
-            "all_cpu_s": cpu_times[name],
-            "samples_per_s": batch_size / statistics.median(ts),
+            "cpu_s": statistics.median(cpu[name]),
+            "samples_per_s": case.shape.batch_size / statistics.median(ts),
+            "all_step_s": ts,
             "losses": losses[name],
         }
         for name, ts in times.items()
-    } | {"_tokens_per_batch": statistics.mean(tokens) if tokens else None, "_round_ratios": round_ratios}
+    }
+    ratios = {
+        f"{a}/{b}": {
+            "median_of_rounds": statistics.median(x / y for x, y in zip(times[a], times[b])),
+            "of_medians": per_method[a]["step_s"] / per_method[b]["step_s"],
+        }
+        for a, b in RATIOS
+        if a in times and b in times
+    }
+    return {"methods": per_method, "ratios": ratios, "tokens_per_batch": statistics.mean(tokens[case.warmup :])}
 
 
-def step_memory(
-    model: TextClassifier, methods: dict[str, Method], batch: Batch, device: torch.device, amp: torch.dtype | None
-) -> dict[str, float]:
-    """Peak MiB of each method's forward-backward passes (``adversarial_backward``, gradients zeroed to None before
-    it) above what is allocated before them: activations, the graphs kept for a later backward, the gradients.
-    Clipping and the optimizer step, the same for every method, run after the measurement."""
-    peaks = {}
-    for name, method in methods.items():
-        call = functools.partial(adversarial_backward, model, batch, method.freelb, method.auxiliaries, 1, amp)
-        peaks[name] = peak_extra_bytes(call, device) / MiB
-        torch.nn.utils.clip_grad_norm_(method.params, 1.0)
-        method.optimizer.step()
-        method.optimizer.zero_grad(set_to_none=True)
-        print(f"  [step memory] {name}: {peaks[name]:.1f} MiB", file=sys.stderr, flush=True)
-    return peaks
-
-
-def ratios(results: dict[str, dict], key: str = "step_s") -> dict[str, float]:
-    """Step-time ratios (= inverse ratios of samples/second); key "cpu_s" for process-CPU-time ratios."""
-    return {f"{a}/{b}": results[a][key] / results[b][key] for a, b in RATIOS if a in results and b in results}
-
-
-def time_carl_loss_alone(loss: CARLLoss, labels: Tensor, batch_size: int, device: torch.device, reps: int = 5) -> float:
-    """Median seconds of L_D's forward + backward on live [batch, dim] views (bank gather, products, NCE)."""
-    generator = torch.Generator().manual_seed(1)
-    times = []
-    for _ in range(reps + 1):
-        rows = torch.randperm(labels.numel(), generator=generator)[:batch_size]
-        clean = torch.randn(batch_size, loss.bank_orig.rows.shape[1], device=device, requires_grad=True)
-        adv = torch.randn(batch_size, loss.bank_orig.rows.shape[1], device=device, requires_grad=True)
-        sync(device)
-        start = time.perf_counter()
-        loss(rows.to(device), labels[rows].to(device), clean, adv).backward()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
-# --- (a, b) albert-base-v2 shape, random weights ---------------------------------------------------------------
-
-
-def sst2_freelb(args: argparse.Namespace) -> FreeLBConfig:
-    return FreeLBConfig(
-        init_mag=args.init_mag, adv_lr=args.adv_lr, adv_max_norm=0.0, adv_steps=args.adv_steps, norm_type="l2"
-    )
-
-
-def run_case(
-    label: str,
-    model: TextClassifier,
-    methods: dict[str, Method],
-    next_batch: Callable[[], Batch],
-    warm_batch: Batch,
-    warmup: int,
-    rounds: int,
-    labels: Tensor,
-    batch_size: int,
-    args: argparse.Namespace,
-    device: torch.device,
-    amp: torch.dtype | None,
-) -> dict[str, Any]:
-    """Timed rounds, then L_D alone, then (unless skipped) one step per method for its peak memory."""
-    results = time_methods(model, methods, next_batch, warm_batch, warmup, rounds, device, amp, label)
-    contrast = next((m.auxiliaries[0].contrast for m in methods.values() if m.name.startswith("carl")), None)
-    if contrast is not None:
-        results["_carl_loss_alone_s"] = time_carl_loss_alone(contrast, labels, batch_size, device)
-    if "step-memory" not in args.skip:
-        results["_peak_step_mib"] = step_memory(model, methods, next_batch().to(device), device, amp)
-    return results
-
-
-def albert_case(
-    args: argparse.Namespace, device: torch.device, amp: torch.dtype | None, ag: bool = False
-) -> dict[str, Any]:
-    name = f"random:{args.albert}"
-    torch.manual_seed(args.seed)
-    num_labels = 4 if ag else 2
-    model, _ = load_model(name, num_labels)
-    model.to(device)
-    generator = torch.Generator().manual_seed(args.seed)
-    rows = args.ag_rows if ag else args.bank_rows
-    if ag:  # AG's News: 4 balanced classes
-        labels = torch.arange(rows) % 4
-    else:
-        labels = (torch.rand(rows, generator=generator) < SST2_POSITIVE).long()
-    freelb = args.ag_freelb if ag else sst2_freelb(args)
-    negatives = args.ag_negatives if ag else args.negatives
-    batch_size = args.ag_batch_size if ag else args.batch_size
-    methods = build_methods(model, name, labels, freelb, negatives, args, device)
-    vocab = model.config.vocab_size
-
-    def make_batch(size: int, seq_len: int) -> Batch:
-        picked = torch.randperm(rows, generator=generator)[:size]
-        ids = torch.randint(5, vocab, (size, seq_len), generator=generator)
-        ids[:, 0], ids[:, -1] = 2, 3  # [CLS] ... [SEP]
-        return Batch(ids, torch.ones_like(ids), labels[picked], picked)
-
-    return run_case(
-        "albert_ag" if ag else "albert",
-        model,
-        methods,
-        lambda: make_batch(batch_size, args.seq_len),
-        make_batch(2, 8),
-        args.albert_warmup,
-        args.albert_rounds,
-        labels,
-        batch_size,
-        args,
-        device,
-        amp,
-    )
-
-
-# --- (c, d) MiniLM, real SST-2 and AG's News batches --------------------------------------------------------------
-
-
-def read_train(raw_dir: Path, dataset: str) -> tuple[list[str], Tensor]:
-    """A raw training file read by carlrar.data (any of its formats): texts and 0-based labels."""
-    names = ["train.tsv"] if dataset == "sst2" else ["train.csv", "train_partial.csv"]
-    path = next((raw_dir / dataset / n for n in names if (raw_dir / dataset / n).is_file()), None)
-    if path is None:
-        sys.exit(
-            f"{raw_dir / dataset} holds none of {', '.join(names)}: pass --raw-dir (or set RAW_DIR) to the folder "
-            f"holding {dataset}/, or skip its case (--skip)"
-        )
-    split = read_file(path, DATASETS[dataset])
-    return split.texts, torch.tensor(split.labels)
-
-
-def minilm_case(
-    args: argparse.Namespace, device: torch.device, amp: torch.dtype | None, ag: bool = False
-) -> dict[str, Any]:
-    texts, labels = read_train(Path(args.raw_dir), "ag_news" if ag else "sst2")
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model("minilm-l6", int(labels.max()) + 1)
-    model.to(device)
-    freelb = args.ag_freelb if ag else sst2_freelb(args)
-    negatives = args.ag_negatives if ag else args.negatives
-    batch_size = args.ag_batch_size if ag else args.batch_size
-    methods = build_methods(model, "minilm-l6", labels, freelb, negatives, args, device)
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(args.seed))
-    position = [0]
-    pad_id = tokenizer.pad_token_id or 0
-
-    def make_batch(size: int) -> Batch:
-        rows = order[position[0] : position[0] + size]
-        position[0] += size
-        enc = tokenizer([texts[i] for i in rows.tolist()], truncation=True, max_length=128)["input_ids"]
-        width = max(len(e) for e in enc)  # dynamic padding (SPEC 3 step 1)
-        ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(enc):
-            ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
-        return Batch(ids, mask, labels[rows], rows)
-
-    results = run_case(
-        "minilm_ag" if ag else "minilm",
-        model,
-        methods,
-        lambda: make_batch(batch_size),
-        make_batch(2),
-        args.minilm_warmup,
-        args.minilm_rounds,
-        labels,
-        batch_size,
-        args,
-        device,
-        amp,
-    )
-    return results | {"_bank_rows": len(texts)}
-
-
-# --- memory of L_D ------------------------------------------------------------------------------------------------
-
-
-def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int:
+def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated by ``fn`` above what was allocated when it started."""
     if device.type == "cuda":
         sync(device)
@@ -479,213 +259,193 @@ def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
 
-    def walk(events: list) -> Any:
+    def walk(events: list) -> Iterator[Any]:
         for event in events:
             yield event
             yield from walk(event.children)
 
-    allocations = sorted(
-        (e for e in walk(prof.profiler.kineto_results.experimental_event_tree()) if e.tag == _EventType.Allocation),
-        key=lambda e: e.start_time_ns,
-    )
+    events = walk(prof.profiler.kineto_results.experimental_event_tree())
     current = peak = 0
-    for event in allocations:  # every allocation (+) and free (-), in order
-        current += event.extra_fields.alloc_size
+    for event in sorted((e for e in events if e.tag == _EventType.Allocation), key=lambda e: e.start_time_ns):
+        current += event.extra_fields.alloc_size  # every allocation (+) and free (-), in order
         peak = max(peak, current)
     return peak
 
 
-def loss_backward(loss: CARLLoss, indices: Tensor, labels: Tensor, clean: Tensor, adv: Tensor) -> None:
-    loss(indices, labels, clean, adv).backward()
+def step_memory(case: Case, trs: dict[str, Trainer], device: torch.device, amp: torch.dtype | None) -> dict:
+    """Peak MiB of each method's passes on one batch, gradients set to None before them."""
+    batch = case.batches(next(iter(trs.values())), case.warmup + case.rounds).to(device)
+    peaks = {}
+    for name, tr in trs.items():
+        tr.optimizer.zero_grad(set_to_none=True)
+        call = functools.partial(adversarial_backward, tr.model, batch, tr.method.freelb, tr.method.auxiliaries, 0, amp)
+        peaks[name] = peak_extra_bytes(call, device) / MiB
+        tr.optimizer.zero_grad(set_to_none=True)
+    return peaks
+
+
+def carl_backward(loss: CARLLoss, rows: Tensor, labels: Tensor, views: Tensor) -> None:
+    """L_D's forward and backward for two live [batch, dim] views stacked in ``views``."""
+    loss(rows, labels, views[0], views[1]).backward()
+
+
+def carl_loss_alone(trs: dict[str, Trainer], batch_size: int, device: torch.device, reps: int = 5) -> float | None:
+    """Median seconds of L_D's forward + backward on random [batch, dim] views (bank gather, products, NCE)."""
+    objective = next((a for tr in trs.values() for a in tr.method.auxiliaries if isinstance(a, CARLObjective)), None)
+    if objective is None:
+        return None
+    loss, generator, times = objective.contrast, torch.Generator().manual_seed(1), []
+    labels, dim = loss.sampler.labels, loss.bank_orig.rows.shape[1]
+    for _ in range(reps + 1):
+        rows = torch.randperm(len(labels), generator=generator)[:batch_size]
+        idx, lab = rows.to(device), labels[rows].to(device)
+        views = torch.randn(2, batch_size, dim, device=device, requires_grad=True)
+        _, timing = timed(functools.partial(carl_backward, loss, idx, lab, views), device)
+        times.append(timing.wall_s)
+    return statistics.median(times[1:])  # the first call also sets Z
 
 
 def memory_sweep(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    ms = [int(m) for m in args.mem_m.split(",")]
-    batch_sizes = [int(b) for b in args.mem_batches.split(",")]
-    class_counts = [int(c) for c in args.mem_classes.split(",")]
-    dim, rows = args.mem_dim, SST2_ROWS
-    out = []
-    for classes in class_counts:
-        generator = torch.Generator().manual_seed(args.seed)
-        labels = torch.randint(0, classes, (rows,), generator=generator)
+    """Peak extra memory of L_D (forward + backward; banks excluded) over m, batch size and class count."""
+    dim, rows, out = SWEEP["dim"], SWEEP["rows"], []
+    ms = QUICK["m"] if args.quick else SWEEP["m"]
+    for classes in SWEEP["classes"]:
+        labels = torch.randint(0, classes, (rows,), generator=torch.Generator().manual_seed(args.seed))
         banks = prefilled_carl(labels, dim, max(ms), device, args.seed)
-        for m in ms if classes == class_counts[0] else [max(ms)]:
+        for m in ms if classes == SWEEP["classes"][0] else ms[-1:]:  # more classes: the largest m only
             loss = CARLLoss(labels, dim, m, seed=args.seed).to(device)
             loss.bank_orig, loss.bank_adv = banks.bank_orig, banks.bank_adv  # share the filled banks
-            for batch_size in batch_sizes:
-                # every class present in the batch, as in a real batch of this size
+            for batch_size in SWEEP["batch"]:
                 per_class = [(labels == c).nonzero().squeeze(1)[: batch_size // classes] for c in range(classes)]
-                batch_rows = torch.cat(per_class)
-                fill = torch.randperm(rows, generator=generator)[: batch_size - len(batch_rows)]
-                batch_rows = torch.cat([batch_rows, fill])
-                clean = torch.randn(batch_size, dim, device=device, requires_grad=True)
-                adv = torch.randn(batch_size, dim, device=device, requires_grad=True)
-                idx, lab = batch_rows.to(device), labels[batch_rows].to(device)
-                call = functools.partial(loss_backward, loss, idx, lab, clean, adv)
+                picked = torch.cat(per_class)  # every class present, as in a real batch of this size
+                idx, lab = picked.to(device), labels[picked].to(device)
+                views = torch.randn(2, len(idx), dim, device=device, requires_grad=True)
+                call = functools.partial(carl_backward, loss, idx, lab, views)
                 call()  # sets Z; the measured call is a steady-state one
-                clean.grad = adv.grad = None
-                sync(device)
-                start = time.perf_counter()
-                peak = peak_extra_bytes(call, device)
-                elapsed = time.perf_counter() - start
-                clean.grad = adv.grad = None
-                present = int(lab.unique().numel())
+                peak = peak_extra_bytes(call, device) / MiB
                 out.append(
                     {
                         "classes": classes,
                         "m": m,
-                        "batch": batch_size,
-                        "dim": dim,
-                        "peak_extra_mib": peak / MiB,
-                        "classes_m_dim_2banks_mib": 2 * present * m * dim * 4 / MiB,
-                        "batch_m_dim_2banks_mib": 2 * batch_size * m * dim * 4 / MiB,
-                        "seconds_incl_profiler": elapsed,
+                        "batch": len(idx),
+                        "measured MiB": peak,
+                        "2 banks x C x m x dim x 4 B": 2 * classes * m * dim * 4 / MiB,
+                        "2 banks x B x m x dim x 4 B (never built)": 2 * len(idx) * m * dim * 4 / MiB,
                     }
                 )
-                print(
-                    f"  [memory] classes {classes} m {m} batch {batch_size}: {peak / MiB:.1f} MiB",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            del loss
-        del banks
+                print(f"  [memory] classes {classes} m {m} batch {len(idx)}: {peak:.1f} MiB", file=sys.stderr)
     return out
 
 
-# --- report -------------------------------------------------------------------------------------------------------
+def run_case(case: Case, config: Config, args: argparse.Namespace, device: torch.device, amp: Any) -> dict:
+    trs = trainers(case, config, args, device)
+    result = time_rounds(case, trs, device, amp)
+    result["carl_loss_alone_s"] = carl_loss_alone(trs, case.shape.batch_size, device)
+    if "step-memory" in args.parts:
+        result["peak_step_mib"] = step_memory(case, trs, device, amp)
+    return {"shape": dataclasses.asdict(case.shape), "rounds": case.rounds, "warmup": case.warmup, **result}
 
 
-def step_table(title: str, results: dict[str, Any]) -> str:
-    peaks = results.get("_peak_step_mib")
-    lines = [
-        f"{title}",
-        f"{'method':<9} {'median step (s)':>15} {'samples/s':>10} {'fastest step (s)':>16} {'CPU (s)':>8} "
-        f"{'peak MiB':>9}  losses",
-    ]
-    for name in [m for m in METHODS if m in results]:
-        r = results[name]
-        losses = ", ".join(f"{k} {v:.3f}" for k, v in r["losses"].items())
-        peak = f"{peaks[name]:>9.1f}" if peaks else f"{'-':>9}"
-        lines.append(
-            f"{name:<9} {r['step_s']:>15.3f} {r['samples_per_s']:>10.2f} {r['min_step_s']:>16.3f} "
-            f"{r['cpu_s']:>8.2f} {peak}  {losses}"
-        )
-    for title_, key in (("median wall", "step_s"), ("fastest wall", "min_step_s"), ("median CPU", "cpu_s")):
-        lines.append(
-            f"step-time ratios, {title_ + ':':<19} "
-            + ", ".join(f"{k} {v:.3f}" for k, v in ratios(results, key).items())
-        )
-    lines.append(
-        f"step-time ratios, {'median of rounds:':<19} "
-        + ", ".join(f"{k} {v:.3f}" for k, v in results["_round_ratios"].items())
+# --- report ------------------------------------------------------------------------------------------------------
+
+
+def case_report(key: str, res: dict[str, Any]) -> str:
+    """A case's title, its Markdown table, the ratios and L_D's share of a freelb step."""
+    s, fl = res["shape"], res["shape"]["freelb"]
+    model, dataset = CASES[key]
+    title = (
+        f"({key}) {model}, {dataset}: batch {s['batch_size']} (mean {res['tokens_per_batch']:.0f} real tokens), "
+        f"init_mag {fl['init_mag']}, adv_lr {fl['adv_lr']}, K = {fl['adv_steps']}, banks {s['bank_rows']:,} rows, "
+        f"m = {s['negatives']:,}, {res['rounds']} timed rounds"
     )
-    if "_carl_loss_alone_s" in results and "freelb" in results:
-        lines.append(
-            f"L_D alone (forward+backward, m negatives): {results['_carl_loss_alone_s'] * 1000:.1f} ms "
-            f"= {results['_carl_loss_alone_s'] / results['freelb']['step_s'] * 100:.2f}% of a freelb step"
-        )
-    return "\n".join(lines)
-
-
-def memory_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "Peak extra memory of L_D (forward+backward; banks excluded), MiB",
-        f"{'classes':>7} {'m':>6} {'batch':>5} {'measured':>9} {'2*C*m*dim*4B':>13} {'2*B*m*dim*4B':>13}",
+    peaks = res.get("peak_step_mib", {})
+    rows = [
+        [
+            name,
+            f"{r['step_s']:.3f}",
+            f"{r['samples_per_s']:.2f}",
+            f"{r['min_step_s']:.3f}",
+            f"{peaks[name]:,.1f}" if name in peaks else "-",
+            ", ".join(f"{k} {v:.3f}" for k, v in r["losses"].items() if k != "grad_norm"),
+        ]
+        for name, r in res["methods"].items()
     ]
-    for r in rows:
-        lines.append(
-            f"{r['classes']:>7} {r['m']:>6} {r['batch']:>5} {r['peak_extra_mib']:>9.1f} "
-            f"{r['classes_m_dim_2banks_mib']:>13.1f} {r['batch_m_dim_2banks_mib']:>13.1f}"
-        )
+    header = ["method", "median step (s)", "samples/s", "fastest step (s)", "peak MiB of the passes", "losses"]
+    ratios = ", ".join(f"{k} {v['median_of_rounds']:.3f} ({v['of_medians']:.3f})" for k, v in res["ratios"].items())
+    lines = [title, "", markdown_table(header, rows), "", f"Median per-round ratios (of the medians): {ratios}."]
+    if res["carl_loss_alone_s"] is not None and "freelb" in res["methods"]:
+        alone = res["carl_loss_alone_s"]
+        share = alone / res["methods"]["freelb"]["step_s"] * 100
+        lines.append(f"L_D alone: {alone * 1000:.1f} ms, {share:.2f} % of a freelb step.")
     return "\n".join(lines)
+
+
+def memory_report(rows: list[dict[str, Any]]) -> str:
+    title = f"Peak extra memory of L_D (forward + backward; banks excluded), dim {SWEEP['dim']}"
+    return f"{title}\n\n" + markdown_table(list(rows[0]), [list(r.values()) for r in rows], "{:,.1f}")
+
+
+def goals_report(report: dict[str, Any]) -> str:
+    """The targets against this run: the median per-round ratio (the ratio of the median steps in brackets)."""
+    rows = []
+    for ratio, key, goal in GOALS:
+        measured = report.get(key, {}).get("ratios", {}).get(ratio)
+        if measured is not None:
+            fl = report[key]["shape"]["freelb"]
+            case = f"{key} (K = {fl['adv_steps']}, init_mag {fl['init_mag']})"
+            figure = f"{measured['median_of_rounds']:.3f} ({measured['of_medians']:.3f})"
+            met = "yes" if measured["median_of_rounds"] <= goal else "no"
+            rows.append([ratio, case, f"<= {goal:.2f}", figure, met])
+    return markdown_table(["ratio", "case", "goal", "measured", "met"], rows) if rows else ""
+
+
+def header(report: dict[str, Any]) -> str:
+    m, a = report["machine"], report["args"]
+    where = f"{m['device']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads), torch {m['torch']}"
+    return f"{where}, amp {a['amp']}, freed host memory {'kept' if a['host_memory_kept'] else 'released'}"
+
+
+def render(report: dict[str, Any]) -> str:
+    """Every section of a saved report (``--json``), as the run printed them."""
+    sections = [header(report), *(case_report(key, report[key]) for key in CASES if key in report)]
+    if "memory" in report:
+        sections.append(memory_report(report["memory"]))
+    return "\n\n".join(filter(None, [*sections, goals_report(report)]))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    transformers.logging.set_verbosity_error()  # MiniLM's missing MLM head is expected here
-    transformers.utils.logging.disable_progress_bar()
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    amp = torch.bfloat16 if (args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")) else None
-    if amp is not None and device.type != "cuda":
-        amp = None  # autocast is CUDA-only in training (carlrar.adversary.autocast_context)
-    started = time.perf_counter()
-    report: dict[str, Any] = {
-        "machine": {
-            "device": str(device),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "args": {
-            k: (sorted(v) if isinstance(v, set) else v if isinstance(v, int | float | str | bool | None) else str(v))
-            for k, v in vars(args).items()
-        },
-        "amp": str(amp),
-    }
-    sections = []
-    sst2 = f"init_mag {args.init_mag}, adv_lr {args.adv_lr}, K={args.adv_steps}"
-    fl = args.ag_freelb
-    ag = f"AG's News values: init_mag {fl.init_mag}, adv_lr {fl.adv_lr}, K={fl.adv_steps}"
-    cases = {
-        "albert": (
-            lambda: albert_case(args, device, amp),
-            lambda res: (
-                f"(a) albert-base-v2 shape, random weights: batch {args.batch_size} x {args.seq_len} tokens, "
-                f"{sst2}, banks {args.bank_rows} rows, m={args.negatives}, {args.albert_rounds} timed rounds"
-            ),
-        ),
-        "albert_ag": (
-            lambda: albert_case(args, device, amp, ag=True),
-            lambda res: (
-                f"(b) albert-base-v2 shape, random weights: batch {args.ag_batch_size} x {args.seq_len} "
-                f"tokens, {ag}, 4 classes, banks {args.ag_rows} rows, m={args.ag_negatives}, "
-                f"{args.albert_rounds} timed rounds"
-            ),
-        ),
-        "minilm": (
-            lambda: minilm_case(args, device, amp),
-            lambda res: (
-                f"(c) minilm-l6 (real weights), real SST-2 batches of {args.batch_size} "
-                f"(mean {res['_tokens_per_batch']:.0f} real tokens/batch), {sst2}, banks {res['_bank_rows']} rows, "
-                f"m={args.negatives}, {args.minilm_rounds} timed rounds"
-            ),
-        ),
-        "minilm_ag": (
-            lambda: minilm_case(args, device, amp, ag=True),
-            lambda res: (
-                f"(d) minilm-l6 (real weights), real AG's News batches of {args.ag_batch_size} "
-                f"(mean {res['_tokens_per_batch']:.0f} real tokens/batch), {ag}, banks {res['_bank_rows']} rows, "
-                f"m={args.ag_negatives}, {args.minilm_rounds} timed rounds"
-            ),
-        ),
-    }
-    for key, (run, title) in cases.items():
-        if key in args.skip:
-            continue
-        res = run()
-        report[key] = {**res, "ratios": ratios(res), "cpu_ratios": ratios(res, "cpu_s")}
-        sections.append(step_table(title(res), res))
-    if "memory" not in args.skip:
-        rows = memory_sweep(args, device)
-        report["memory"] = rows
-        sections.append(memory_table(rows))
-    report["total_seconds"] = time.perf_counter() - started
-    m = report["machine"]
-    where = m["gpu"] or f"{m['cpu_count']} CPUs, {m['torch_threads']} torch threads"
-    print(
-        f"\ndevice {m['device']} ({where}), torch {m['torch']}, amp {report['amp']}, "
-        f"total {report['total_seconds']:.0f} s\n"
-    )
-    print("\n\n".join(sections))
+    if args.report:
+        print(render(json.loads(args.report.read_text(encoding="utf-8"))))
+        return 0
+    try:
+        device = pick_device(args.device)
+        config = load_config(args.config)
+        if args.json:
+            check_output_file(args.json, "--json")
+        chosen = [(key, model, dataset) for key, (model, dataset) in CASES.items() if key in args.parts]
+        cases = [(albert_case if m == "albert" else minilm_case)(k, d, config, args) for k, m, d in chosen]
+    except (CarlrarError, OSError) as exc:
+        print(f"bench_steps.py: {exc}", file=sys.stderr)
+        return 2
+    amp = torch.bfloat16 if device.type == "cuda" else None  # autocast as in training: bf16 on CUDA only
+    kept = not args.release_host_memory and keep_host_memory()  # as carlrar's CLI does
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    started, report = time.perf_counter(), {"args": options | {"amp": str(amp), "host_memory_kept": kept}}
+    with quiet(args.threads):
+        report["machine"] = machine_info(device)
+        print(header(report))
+        for case in cases:  # each section printed as soon as it is measured
+            report[case.key] = run_case(case, config, args, device, amp)
+            print("\n" + case_report(case.key, report[case.key]), flush=True)
+        if "memory" in args.parts:
+            report["memory"] = memory_sweep(args, device)
+            print("\n" + memory_report(report["memory"]))
+    report["seconds"] = time.perf_counter() - started
+    print("\n" + goals_report(report) + f"\n\n{report['seconds']:.0f} s in all")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1, default=str))
-        print(f"\nwrote {args.json}")
+        write_json(args.json, report)
+        print(f"wrote {args.json}")
     return 0
 
 

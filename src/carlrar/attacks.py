@@ -19,6 +19,7 @@ Three uses:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from carlrar.batching import EncodedSplit, batches, encode_split
 from carlrar.checkpoints import TrainedRun, load_trained_run
 from carlrar.config import AnalysisConfig, bound_problem
 from carlrar.data import read_manifest, read_split
-from carlrar.devices import select_device
+from carlrar.devices import leased_device
 from carlrar.errors import CarlrarError
 from carlrar.models import TextClassifier
 from carlrar.reconstruction import decode_argmax
@@ -288,6 +289,7 @@ class _Target:
     encoded: EncodedSplit
     pad_id: int
     amp_dtype: torch.dtype | None
+    device: torch.device
 
 
 def _load_target(run_dir: Path, data_dir: Path, manifest: dict[str, Any], device: torch.device) -> _Target:
@@ -300,7 +302,59 @@ def _load_target(run_dir: Path, data_dir: Path, manifest: dict[str, Any], device
     if len(encoded) == 0:
         raise CarlrarError(f"{data_dir}/{split}.parquet has no rows to attack")
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    return _Target(run, frame, encoded, pad_id, run_amp_dtype(run.metrics, device))
+    return _Target(run, frame, encoded, pad_id, run_amp_dtype(run.metrics, device), device)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """k-PGD's settings besides epsilon (the config's ``analysis`` keys)."""
+
+    steps: int
+    step_size_ratio: float
+    batch_size: int
+    seed: int
+
+    def check(self, epsilons: list[tuple[str, str, float]]) -> None:
+        _check_settings(epsilons, self.steps, self.step_size_ratio, self.batch_size, self.seed)
+
+
+def _attacked_batches(
+    target: _Target, epsilon: float, settings: _Settings, desc: str, return_tokens: bool = False
+) -> Iterator[tuple[Batch, AttackResult]]:
+    """Every batch of the split in order with its attack; one generator seeded with ``settings.seed``, so every
+    epsilon starts from the same random directions, scaled to its own radius."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    encoded, step_size = target.encoded, settings.step_size_ratio * epsilon
+    with tqdm(total=len(encoded), desc=desc, unit="ex", dynamic_ncols=True, disable=None) as bar:
+        for batch in batches(encoded, torch.arange(len(encoded)), settings.batch_size, target.pad_id):
+            batch = batch.to(target.device)
+            yield (
+                batch,
+                pgd_attack(
+                    target.run.model,
+                    batch,
+                    epsilon,
+                    settings.steps,
+                    step_size,
+                    generator,
+                    return_tokens=return_tokens,
+                    amp_dtype=target.amp_dtype,
+                ),
+            )
+            bar.update(len(batch.labels))
+
+
+def _attack_records(target: _Target, epsilon: float, settings: _Settings) -> pd.DataFrame:
+    """One row per example: row, gold, clean_pred, attacked_pred, perturbation_norm, cosine, euclidean."""
+    columns = ("labels", "clean_pred", "attacked_pred", "perturbation_norm", "cosine", "euclidean")
+    parts: dict[str, list[Tensor]] = {"row": [], **{c: [] for c in columns}}
+    for batch, result in _attacked_batches(target, epsilon, settings, f"k-PGD eps={_eps_name(epsilon)}"):
+        parts["row"].append(batch.indices.cpu())
+        for column in columns:
+            parts[column].append(getattr(result, column).cpu())
+    parts["gold"] = parts.pop("labels")
+    order = ("row", "gold", *columns[1:])
+    return pd.DataFrame({key: torch.cat(parts[key]).numpy() for key in order})
 
 
 def attack_split(
@@ -322,23 +376,22 @@ def attack_split(
     """
     if not epsilons:
         raise CarlrarError("give at least one epsilon")
-    _check_settings([("epsilon", "analysis.epsilons[]", e) for e in epsilons], steps, step_size_ratio, batch_size, seed)
+    settings = _Settings(steps, step_size_ratio, batch_size, seed)
+    settings.check([("epsilon", "analysis.epsilons[]", e) for e in epsilons])
     run_dir, data_dir, out_dir = Path(run_dir), Path(data_dir), Path(out_dir)
     check_output_dir(out_dir)
     recover_swaps(out_dir)
     manifest = read_manifest(data_dir)
-    split = manifest["evaluation_split"]
-    dev, lease = select_device(device)
-    try:
+    with leased_device(device) as dev:
         target = _load_target(run_dir, data_dir, manifest, dev)
-        run, encoded, pad_id, amp_dtype = target.run, target.encoded, target.pad_id, target.amp_dtype
+        amp_dtype = target.amp_dtype
         summary: dict[str, Any] = {
-            "dataset": run.metrics.get("dataset", manifest.get("dataset")),
-            "method": run.metrics.get("method"),
-            "seed": run.metrics.get("seed"),
+            "dataset": target.run.metrics.get("dataset", manifest.get("dataset")),
+            "method": target.run.metrics.get("method"),
+            "seed": target.run.metrics.get("seed"),
             "run_dir": str(run_dir),
             "data_dir": str(data_dir),
-            "split": split,
+            "split": manifest["evaluation_split"],
             "attack": {
                 "name": "k-PGD",
                 "norm": "l2",
@@ -354,32 +407,8 @@ def attack_split(
             },
             "epsilons": {},
         }
-        rows = torch.arange(len(encoded))
         for epsilon in epsilons:
-            generator = torch.Generator().manual_seed(seed)
-            parts: list[dict[str, Any]] = []
-            bar = tqdm(
-                total=len(encoded), desc=f"k-PGD eps={_eps_name(epsilon)}", unit="ex", dynamic_ncols=True, disable=None
-            )
-            for batch in batches(encoded, rows, batch_size, pad_id):
-                batch = batch.to(dev)
-                result = pgd_attack(
-                    run.model, batch, epsilon, steps, step_size_ratio * epsilon, generator, amp_dtype=amp_dtype
-                )
-                parts.append(
-                    {
-                        "row": batch.indices.cpu(),
-                        "gold": result.labels.cpu(),
-                        "clean_pred": result.clean_pred.cpu(),
-                        "attacked_pred": result.attacked_pred.cpu(),
-                        "perturbation_norm": result.perturbation_norm.cpu(),
-                        "cosine": result.cosine.cpu(),
-                        "euclidean": result.euclidean.cpu(),
-                    }
-                )
-                bar.update(len(batch.labels))
-            bar.close()
-            records = pd.DataFrame({key: torch.cat([p[key] for p in parts]).numpy() for key in parts[0]})
+            records = _attack_records(target, epsilon, settings)
             _check_finite_records(records, epsilon, amp_dtype)
             _write_parquet(records, records_path(out_dir, epsilon))
             entry = {
@@ -400,9 +429,6 @@ def attack_split(
             )
         write_json(out_dir / "summary.json", summary)
         return summary
-    finally:
-        if lease is not None:
-            lease.release()
 
 
 # --- text-form adversarial samples (Table 6) ----------------------------------------------------------------
@@ -426,6 +452,64 @@ def _predict_texts(
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
 
 
+@dataclass
+class _Reconstructed:
+    """Per example of the split: its text and RAR's text at the attacked states (both decoded alike), and RAR's
+    predictions without and with the attack."""
+
+    originals: list[str]
+    decoded: list[str]
+    clean_pred: list[int]
+    attacked_pred: list[int]
+
+
+def _reconstruct_attacked(target: _Target, epsilon: float, settings: _Settings) -> _Reconstructed:
+    """k-PGD on the RAR model, then its reconstructor's argmax tokens at the attacked token states."""
+    run, out = target.run, _Reconstructed([], [], [], [])
+    desc = f"k-PGD + reconstruction eps={_eps_name(epsilon)}"
+    for batch, result in _attacked_batches(target, epsilon, settings, desc, return_tokens=True):
+        with torch.no_grad(), autocast_context(target.device, target.amp_dtype):
+            logits = run.reconstructor(result.attacked_tokens)
+        out.decoded += decode_argmax(logits.float(), batch.attention_mask, run.tokenizer)
+        out.originals += [
+            run.tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
+            for row, m in zip(batch.input_ids, batch.attention_mask.bool())
+        ]
+        out.clean_pred += result.clean_pred.tolist()
+        out.attacked_pred += result.attacked_pred.tolist()
+    return out
+
+
+def _judged_by_base(
+    target: _Target, rec: _Reconstructed, base: TrainedRun, base_length: int, batch_size: int
+) -> list[dict[str, Any]]:
+    """The examples whose decoded text differs from the original, each classified by the base run both ways."""
+    changed = [i for i, (a, b) in enumerate(zip(rec.originals, rec.decoded)) if a != b]
+    texts = [str(t) for t in target.frame["text"]]
+    on_original, on_decoded = (
+        _predict_texts(base, chosen, base_length, batch_size, target.device, target.amp_dtype).tolist()
+        for chosen in ([texts[i] for i in changed], [rec.decoded[i] for i in changed])
+    )
+    examples = []
+    for i, po, pd_ in zip(changed, on_original, on_decoded):
+        gold = int(target.encoded.labels[i])
+        examples.append(
+            {
+                "row": i,
+                "original": texts[i],
+                "original_decoded": rec.originals[i],
+                "decoded": rec.decoded[i],
+                "gold": gold,
+                "base_pred_original": po,
+                "base_pred_decoded": pd_,
+                "fools_base": po == gold and pd_ != gold,
+                "rar_pred_clean": rec.clean_pred[i],
+                "rar_pred_attacked": rec.attacked_pred[i],
+            }
+        )
+    return examples
+
+
 def text_samples(
     rar_run_dir: str | Path,
     base_run_dir: str | Path,
@@ -447,16 +531,15 @@ def text_samples(
     ``fools_base`` is true when the original is right and the decoded text wrong. Writes ``out_path`` (JSON)
     atomically and returns it.
     """
-    _check_settings([("epsilon", "analysis.samples_epsilon", epsilon)], steps, step_size_ratio, batch_size, seed)
+    settings = _Settings(steps, step_size_ratio, batch_size, seed)
+    settings.check([("epsilon", "analysis.samples_epsilon", epsilon)])
     data_dir = Path(data_dir)
     check_output_file(out_path)
     manifest = read_manifest(data_dir)
     split = manifest["evaluation_split"]
-    dev, lease = select_device(device)
-    try:
+    with leased_device(device) as dev:
         target = _load_target(Path(rar_run_dir), data_dir, manifest, dev)
-        rar, frame, encoded, pad_id = target.run, target.frame, target.encoded, target.pad_id
-        amp_dtype = target.amp_dtype
+        rar = target.run
         if rar.reconstructor is None:
             raise CarlrarError(f"{rar_run_dir} has no reconstructor: give a 'rar' or 'carl_rar' run")
         base = load_trained_run(base_run_dir, dev)
@@ -465,69 +548,14 @@ def text_samples(
             log.warning(
                 "the RAR run has seed %s but the base run seed %s", rar.metrics.get("seed"), base.metrics.get("seed")
             )
-        tokenizer = rar.tokenizer
-        generator = torch.Generator().manual_seed(seed)
-        originals: list[str] = []
-        decoded: list[str] = []
-        rar_clean: list[Tensor] = []
-        rar_attacked: list[Tensor] = []
-        for batch in tqdm(
-            list(batches(encoded, torch.arange(len(encoded)), batch_size, pad_id)),
-            desc=f"k-PGD + reconstruction eps={_eps_name(epsilon)}",
-            unit="batch",
-            disable=None,
-        ):
-            batch = batch.to(dev)
-            result = pgd_attack(
-                rar.model,
-                batch,
-                epsilon,
-                steps,
-                step_size_ratio * epsilon,
-                generator,
-                return_tokens=True,
-                amp_dtype=amp_dtype,
-            )
-            with torch.no_grad(), autocast_context(dev, amp_dtype):
-                logits = rar.reconstructor(result.attacked_tokens)
-            decoded += decode_argmax(logits.float(), batch.attention_mask, tokenizer)
-            originals += [
-                tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
-                for row, m in zip(batch.input_ids, batch.attention_mask.bool())
-            ]
-            rar_clean.append(result.clean_pred.cpu())
-            rar_attacked.append(result.attacked_pred.cpu())
-        changed = [i for i, (a, b) in enumerate(zip(originals, decoded)) if a != b]
-        texts = [str(t) for t in frame["text"]]
-        base_length = _max_length(base.metrics, manifest)
-        base_original = _predict_texts(base, [texts[i] for i in changed], base_length, batch_size, dev, amp_dtype)
-        base_decoded = _predict_texts(base, [decoded[i] for i in changed], base_length, batch_size, dev, amp_dtype)
-        clean_pred = torch.cat(rar_clean) if rar_clean else torch.empty(0, dtype=torch.long)
-        attacked_pred = torch.cat(rar_attacked) if rar_attacked else torch.empty(0, dtype=torch.long)
-        examples = []
-        for k, i in enumerate(changed):
-            gold = int(encoded.labels[i])
-            po, pd_ = int(base_original[k]), int(base_decoded[k])
-            examples.append(
-                {
-                    "row": i,
-                    "original": texts[i],
-                    "original_decoded": originals[i],
-                    "decoded": decoded[i],
-                    "gold": gold,
-                    "base_pred_original": po,
-                    "base_pred_decoded": pd_,
-                    "fools_base": po == gold and pd_ != gold,
-                    "rar_pred_clean": int(clean_pred[i]),
-                    "rar_pred_attacked": int(attacked_pred[i]),
-                }
-            )
+        reconstructed = _reconstruct_attacked(target, epsilon, settings)
+        examples = _judged_by_base(target, reconstructed, base, _max_length(base.metrics, manifest), batch_size)
+        run_info = {"method": rar.metrics.get("method"), "seed": rar.metrics.get("seed")}
         report = {
             "dataset": rar.metrics.get("dataset", manifest.get("dataset")),
             "split": split,
-            "method": rar.metrics.get("method"),
-            "seed": rar.metrics.get("seed"),
-            "rar_run": {"dir": str(rar_run_dir), "method": rar.metrics.get("method"), "seed": rar.metrics.get("seed")},
+            **run_info,
+            "rar_run": {"dir": str(rar_run_dir), **run_info},
             "base_run": {
                 "dir": str(base_run_dir),
                 "method": base.metrics.get("method"),
@@ -543,16 +571,13 @@ def text_samples(
                 "seed": seed,
                 "device": str(dev),
             },
-            "n_examples": len(encoded),
-            "n_changed": len(changed),
+            "n_examples": len(target.encoded),
+            "n_changed": len(examples),
             "n_fool_base": sum(e["fools_base"] for e in examples),
             "examples": examples,
         }
         write_json(out_path, report)
         return report
-    finally:
-        if lease is not None:
-            lease.release()
 
 
 __all__ = [

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from carlrar.config import AnalysisConfig, bound_problem
 from carlrar.errors import CarlrarError
+from carlrar.host_memory import keep_host_memory
 from carlrar.registry import DATASET_IDS, METHOD_IDS
 
 # One help text for every --device option. The variables are those of carlrar.devices, written out here because
@@ -561,6 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        keep_host_memory()
         args.run(args)
     except CarlrarError as exc:
         print(f"carlrar {args.command}: error: {one_line(str(exc))}", file=sys.stderr)

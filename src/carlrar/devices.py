@@ -36,12 +36,13 @@ so that S runs fit in one GPU's memory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,3 +243,14 @@ def select_device(requested: str = "auto", wait_seconds: float = 3600.0) -> tupl
         lock_dir,
     )
     return torch.device(f"cuda:{lease.index}"), lease
+
+
+@contextlib.contextmanager
+def leased_device(requested: str = "auto") -> Iterator[torch.device]:
+    """``select_device`` for the length of a ``with`` block: a leased GPU slot is released however the block ends."""
+    device, lease = select_device(requested)
+    try:
+        yield device
+    finally:
+        if lease is not None:
+            lease.release()

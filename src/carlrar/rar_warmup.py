@@ -27,7 +27,7 @@ from carlrar.adversary import (
 from carlrar.batching import EncodedSplit, batches, encode_split, epoch_order
 from carlrar.config import Config
 from carlrar.data import read_manifest, read_split
-from carlrar.devices import select_device
+from carlrar.devices import leased_device
 from carlrar.errors import CarlrarError, TrainingDiverged, first_line
 from carlrar.identity import (
     library_versions,
@@ -88,8 +88,7 @@ def warm_up_reconstructor(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     check_output_dir(out_dir, replaces=WARMUP_RECORD_FILE)
     manifest, rar = read_manifest(data_dir), config.rar
-    device, lease = select_device(device_request)
-    try:
+    with leased_device(device_request) as device:
         set_seed(rar.warmup_seed, deterministic=device.type == "cpu")
         model, tokenizer = load_model(
             config.model["name"], manifest["num_labels"], config.model.get("overrides") or None, "cls"
@@ -119,9 +118,6 @@ def warm_up_reconstructor(
                 "lower training.rar.warmup_learning_rate"
             )
         after = dev_accuracy()
-    finally:
-        if lease is not None:
-            lease.release()
     record = {
         "dataset": dataset,
         "identity": _warmup_identity(config, manifest),
