@@ -317,6 +317,22 @@ class _Settings:
     def check(self, epsilons: list[tuple[str, str, float]]) -> None:
         _check_settings(epsilons, self.steps, self.step_size_ratio, self.batch_size, self.seed)
 
+    def describe(self, device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, Any]:
+        """The attack as ``summary.json`` records it."""
+        return {
+            "name": "k-PGD",
+            "norm": "l2",
+            "space": "raw word embeddings",
+            "steps": self.steps,
+            "step_size_ratio": self.step_size_ratio,
+            "random_start": "uniform in the l2 ball",
+            "loss": "cross-entropy on the gold label (untargeted)",
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "device": str(device),
+            "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
+        }
+
 
 def _attacked_batches(
     target: _Target, epsilon: float, settings: _Settings, desc: str, return_tokens: bool = False
@@ -392,19 +408,7 @@ def attack_split(
             "run_dir": str(run_dir),
             "data_dir": str(data_dir),
             "split": manifest["evaluation_split"],
-            "attack": {
-                "name": "k-PGD",
-                "norm": "l2",
-                "space": "raw word embeddings",
-                "steps": steps,
-                "step_size_ratio": step_size_ratio,
-                "random_start": "uniform in the l2 ball",
-                "loss": "cross-entropy on the gold label (untargeted)",
-                "seed": seed,
-                "batch_size": batch_size,
-                "device": str(dev),
-                "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
-            },
+            "attack": settings.describe(dev, amp_dtype),
             "epsilons": {},
         }
         for epsilon in epsilons:
