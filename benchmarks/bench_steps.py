@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     amp = torch.bfloat16 if device.type == "cuda" else None  # autocast as in training: bf16 on CUDA only
     kept = not args.release_host_memory and keep_host_memory()  # as carlrar's CLI does
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    options = {k: os.path.relpath(v, ROOT) if isinstance(v, Path) else v for k, v in vars(args).items()}
     started, report = time.perf_counter(), {"args": options | {"amp": str(amp), "host_memory_kept": kept}}
     with quiet(args.threads):
         report["machine"] = machine_info(device)
