@@ -29,6 +29,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return importlib.import_module("bench_steps")
 
 
+@pytest.mark.slow  # about a minute on 2 idle cores: a real, if short, benchmark run
 def test_quick_run_measures_every_method_and_reprints_from_its_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["--quick", "--parts", "albert_ag,step-memory,memory", "--methods", "freelb,carl,carl_bank"]
