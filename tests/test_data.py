@@ -348,7 +348,7 @@ def test_dataset_names_agree_across_config_schema_and_loaders() -> None:
 
 def test_prepared_splits_are_verified_against_the_manifest(tmp_path: Path, raw: Path) -> None:
     """Later steps read a split only if its rows hash to the manifest's sha256; a damaged manifest is refused."""
-    from carlrar.data import read_manifest, read_split
+    from carlrar.prepared import read_manifest, read_split
 
     out = tmp_path / "ag"
     prepare_dataset(load_config(config(tmp_path, {"ag_news": SMALL["ag_news"]})), "ag_news", raw, out)

@@ -148,3 +148,10 @@ def test_a_key_without_description_or_a_readme_without_the_block_fails(tmp_path:
     readme.write_text("no table here\n")
     result = config_table("--schema", str(ROOT / "src/carlrar/schemas/config.schema.json"), "--readme", str(readme))
     assert result.returncode == 2 and "no table block" in result.stderr
+
+
+def test_readme_rerun_table_is_the_one_the_rerun_tests_check() -> None:
+    """README "What reruns when you change something" shows exactly tests/test_reruns.py's SCENARIOS."""
+    from test_reruns import scenario_table
+
+    assert scenario_table() in (ROOT / "README.md").read_text(encoding="utf-8")

@@ -35,10 +35,10 @@ from carlrar.adversary import Batch, amp_dtype_for, autocast_context
 from carlrar.batching import EncodedSplit, batches, encode_split
 from carlrar.checkpoints import TrainedRun, load_trained_run
 from carlrar.config import AnalysisConfig, bound_problem
-from carlrar.data import read_manifest, read_split
 from carlrar.devices import leased_device
 from carlrar.errors import CarlrarError
 from carlrar.models import TextClassifier
+from carlrar.prepared import read_manifest, read_split
 from carlrar.reconstruction import decode_argmax
 from carlrar.storage import atomic_path, check_output_dir, check_output_file, recover_swaps, write_json
 

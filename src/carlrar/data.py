@@ -11,113 +11,27 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from carlrar import __version__
 from carlrar.config import Config, DatasetConfig, Size
-from carlrar.errors import CarlrarError, first_line
+from carlrar.prepared import (
+    MANIFEST_FILE,
+    SPLIT_HASHES_FILE,
+    SPLITS,
+    DataError,
+    content_sha256,
+    split_hashes,
+)
+from carlrar.sources import DATASETS, DatasetSpec, source_names, source_plan
 from carlrar.storage import atomic_dir, check_output_dir, sha256_file, write_json
-
-SPLITS = ("train", "dev", "test")
-
-
-class DataError(CarlrarError):
-    """Raw data that is missing, malformed or too small for the requested sample."""
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What is fixed about a dataset: its classes, its official files and its hub copy."""
-
-    name: str
-    label_names: tuple[str, ...]  # every class of the source, in the official order
-    num_kept: int  # the first num_kept classes are used (Yahoo!: 5 of 10, SPEC 1)
-    official_files: dict[str, str]
-    text_fields: int  # text columns after the class column in the Zhang et al. CSV
-    hub_path: str
-    hub_name: str | None
-    hub_splits: dict[str, str]
-    hub_text_keys: tuple[str, ...]
-    hub_label_key: str
-
-    @property
-    def kept_label_names(self) -> list[str]:
-        return list(self.label_names[: self.num_kept])
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec(
-            "sst2",
-            ("negative", "positive"),
-            2,
-            {"train": "train.tsv", "dev": "dev.tsv"},
-            1,
-            "nyu-mll/glue",
-            "sst2",
-            {"train": "train", "dev": "validation"},
-            ("sentence",),
-            "label",
-        ),
-        DatasetSpec(
-            "ag_news",
-            ("World", "Sports", "Business", "Sci/Tech"),
-            4,
-            {"train": "train.csv", "test": "test.csv"},
-            2,
-            "fancyzhx/ag_news",
-            None,
-            {"train": "train", "test": "test"},
-            ("text",),
-            "label",
-        ),
-        DatasetSpec(
-            "yelp_polarity",
-            ("negative", "positive"),
-            2,
-            {"train": "train.csv", "test": "test.csv"},
-            1,
-            "fancyzhx/yelp_polarity",
-            None,
-            {"train": "train", "test": "test"},
-            ("text",),
-            "label",
-        ),
-        DatasetSpec(
-            "yahoo_answers",
-            (
-                "Society & Culture",
-                "Science & Mathematics",
-                "Health",
-                "Education & Reference",
-                "Computers & Internet",
-                "Sports",
-                "Business & Finance",
-                "Entertainment & Music",
-                "Family & Relationships",
-                "Politics & Government",
-            ),
-            5,
-            {"train": "train.csv", "test": "test.csv"},
-            3,
-            "community-datasets/yahoo_answers_topics",
-            None,
-            {"train": "train", "test": "test"},
-            ("question_title", "question_content", "best_answer"),
-            "topic",
-        ),
-    )
-}
 
 
 @dataclass
@@ -255,46 +169,6 @@ def read_hub(spec: DatasetSpec, split: str) -> RawSplit:
     )
 
 
-def source_names(spec: DatasetSpec, ds: DatasetConfig, split: str) -> list[str]:
-    """The names tried in ``<raw_dir>/<dataset>/`` for a source split, in order: the config's files, else official."""
-    configured = ds.files.get(split)
-    return [configured] if isinstance(configured, str) else list(configured or [spec.official_files[split]])
-
-
-def source_plan(ds: DatasetConfig) -> dict[str, dict[str, Size]]:
-    """Source split -> the output splits sampled from it and their sizes per class.
-
-    Train always; its dev block first when dev comes from train, so that an "all" train takes the rest. GLUE's
-    dev file only when dev is the official one, and the test file only when test rows are asked for: a dataset
-    needs no file it samples nothing from.
-    """
-    train_sizes: dict[str, Size] = {"dev": ds.per_class["dev"]} if ds.dev_source == "train" else {}
-    plan: dict[str, dict[str, Size]] = {"train": {**train_sizes, "train": ds.per_class["train"]}}
-    if ds.dev_source == "official":
-        plan["dev"] = {"dev": ds.per_class["dev"]}
-    if ds.per_class["test"] != 0:
-        plan["test"] = {"test": ds.per_class["test"]}
-    return plan
-
-
-def missing_local_files(config: Config, raw_dir: str | Path) -> list[str]:
-    """``<dataset>/<file>`` for every source split of the config's datasets that has no file in ``raw_dir``.
-
-    Alternatives the config lists are joined with " or ". Empty when every split can be read locally, i.e.
-    preparing the data needs no hub download (what a pipeline that hashes ``raw_dir`` as its input relies on).
-    """
-    missing = []
-    for name, ds in config.datasets.items():
-        spec = DATASETS.get(name)
-        if spec is None:  # an unknown name is the config check's to report
-            continue
-        for split in source_plan(ds):
-            names = source_names(spec, ds, split)
-            if not any((Path(raw_dir) / name / file).is_file() for file in names):
-                missing.append(" or ".join(f"{name}/{file}" for file in names))
-    return missing
-
-
 def load_source(raw_dir: Path, spec: DatasetSpec, ds: DatasetConfig, split: str) -> RawSplit:
     """The first local file that exists, then the hub; offline with neither, one error saying what to put where.
 
@@ -366,14 +240,6 @@ def stratified_sample(
     return {split: sorted(picked) for split, picked in chosen.items()}
 
 
-def _content_sha256(texts: list[str], labels: list[int]) -> str:
-    digest = hashlib.sha256()
-    for label, text in zip(labels, texts, strict=True):
-        digest.update(json.dumps([label, text], ensure_ascii=False).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
 def _write_split(path: Path, texts: list[str], labels: list[int], rows: list[int]) -> None:
     table = pa.table(
         {
@@ -391,7 +257,7 @@ def prepare_dataset(config: Config, name: str, raw_dir: str | Path, out_dir: str
         raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     spec, ds = DATASETS[name], config.dataset(name)
     # Before reading anything: an --out that is a file or a folder of other files is refused, never moved.
-    check_output_dir(out_dir, replaces="manifest.json")
+    check_output_dir(out_dir, replaces=MANIFEST_FILE)
     raw_dir = Path(raw_dir)
     splits: dict[str, tuple[list[str], list[int], list[int]]] = {s: ([], [], []) for s in SPLITS}
     sources: dict[str, dict[str, Any]] = {}
@@ -426,83 +292,13 @@ def prepare_dataset(config: Config, name: str, raw_dir: str | Path, out_dir: str
             manifest["splits"][split] = {
                 "rows": len(labels),
                 "label_counts": [labels.count(c) for c in range(spec.num_kept)],
-                "sha256": _content_sha256(texts, labels),
+                "sha256": content_sha256(texts, labels),
                 "source": {"train": "train", "dev": "train" if ds.dev_source == "train" else "dev", "test": "test"}[
                     split
                 ]
                 if labels
                 else None,
             }
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / MANIFEST_FILE, manifest)
+        write_json(tmp / SPLIT_HASHES_FILE, split_hashes(manifest))
     return manifest
-
-
-REPREPARE = "rerun 'carlrar prepare' for this dataset"
-
-
-def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """A prepared folder's manifest, checked for the keys every later step relies on; else one DataError."""
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"{path} not found: run 'carlrar prepare' for this dataset first")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is damaged ({first_line(exc)}); {REPREPARE}") from None
-    problem = _manifest_problem(manifest)
-    if problem:
-        raise DataError(f"{path} is damaged ({problem}); {REPREPARE}")
-    return manifest
-
-
-def _manifest_problem(manifest: Any) -> str | None:
-    """What is missing or malformed in a manifest, or None."""
-    if not isinstance(manifest, dict):
-        return "not a mapping"
-    if manifest.get("dataset") not in DATASETS:
-        return f"unknown dataset {manifest.get('dataset')!r}"
-    num_labels = manifest.get("num_labels")
-    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 2:
-        return f"num_labels {num_labels!r} is not an integer >= 2"
-    if manifest.get("evaluation_split") not in ("dev", "test"):
-        return f"evaluation_split {manifest.get('evaluation_split')!r} is not dev or test"
-    splits = manifest.get("splits")
-    for split in SPLITS:
-        info = splits.get(split) if isinstance(splits, dict) else None
-        if (
-            not isinstance(info, dict)
-            or not isinstance(info.get("sha256"), str)
-            or not isinstance(info.get("rows"), int)
-        ):
-            return f"splits.{split} lacks its rows and sha256"
-    return None
-
-
-def read_split(data_dir: str | Path, split: str, manifest: dict[str, Any]) -> pd.DataFrame:
-    """Read ``<split>.parquet`` and verify it against the manifest: row count, labels and content sha256.
-
-    The hash is the manifest's (over each row's label and text, as prepare computed it), recomputed from the rows
-    actually read, so metrics.json's data hashes always describe the data a run trained and was evaluated on.
-    """
-    path = Path(data_dir) / f"{split}.parquet"
-    try:
-        frame = pd.read_parquet(path, columns=["text", "label"])
-    except FileNotFoundError:
-        raise DataError(f"{path} not found; {REPREPARE}") from None
-    except Exception as exc:  # pyarrow raises its own types for a damaged or foreign file
-        raise DataError(f"{path} is damaged or not a prepared split ({first_line(exc)}); {REPREPARE}") from None
-    texts, labels = frame["text"].tolist(), frame["label"].tolist()
-    expected = manifest["splits"][split]
-    if len(labels) != expected["rows"]:
-        raise DataError(f"{path} has {len(labels)} rows but its manifest says {expected['rows']}; {REPREPARE}")
-    num_labels = manifest["num_labels"]
-    if any(not isinstance(t, str) for t in texts) or any(
-        not isinstance(y, int) or not 0 <= y < num_labels for y in labels
-    ):
-        raise DataError(f"{path} holds missing texts or labels outside 0..{num_labels - 1}; {REPREPARE}")
-    if _content_sha256(texts, labels) != expected["sha256"]:
-        raise DataError(
-            f"{path} does not match its manifest (the sha256 of its rows differs): it was changed or comes from "
-            f"another prepare; {REPREPARE}"
-        )
-    return frame

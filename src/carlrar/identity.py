@@ -1,16 +1,19 @@
 """Which run a run folder belongs to, so that a checkpoint is only ever resumed by the run that wrote it.
 
-A run's identity is everything that determines its weights and its metrics: method, seed, model, the resolved
-data / training / dataset configuration, the content hashes of the prepared splits and the RAR warm-up it
-starts from. ``carlrar train`` stores the identity in every checkpoint and in metrics.json, and before it touches
-a run folder it compares: the same identity resumes, another one is refused with the differing keys named, and
-``--restart`` (or, for the workflow, ``--restart-if-changed``) discards the other run's files first. So a metrics.json
-never describes weights that another configuration produced.
+A run's identity is everything that determines its weights and its metrics: method, seed, the settings its
+method reads (carlrar.fingerprints.method_settings: the shared sections and its own parts' sections, not other
+methods'), the code it runs (a digest blind to comments and docstrings), the content hashes of the prepared
+splits and the RAR warm-up it starts from. A code change is therefore another run: its checkpoint is never
+resumed by the changed code, which trains from step 0.
+
+``carlrar train`` stores the identity in every checkpoint and in metrics.json, and before it touches a run
+folder it compares: the same identity resumes, another one is refused with the differing keys named, and
+``--restart`` (or, for the workflow, ``--restart-if-changed``) discards the other run's files first. So a
+metrics.json never describes weights that another configuration or other code produced.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -23,13 +26,14 @@ import torch
 from carlrar import __version__
 from carlrar.config import Config
 from carlrar.errors import CarlrarError, first_line
+from carlrar.fingerprints import code_fingerprint, digest, method_settings
 from carlrar.storage import recover_swaps
 
 log = logging.getLogger(__name__)
 
-IDENTITY_VERSION = 1  # bump when the identity's layout changes: older checkpoints are then another run
-GRID_ONLY_TRAINING_KEYS = ("seeds", "methods")  # they pick which runs exist, not what one run does
+IDENTITY_VERSION = 2  # bump when the identity's layout changes: older checkpoints are then another run
 
+TRAINING_ENTRY = "training.py"  # the module `carlrar train` runs: its imports are the run's code
 Restart = Literal["never", "if-changed", "always"]
 RESTART_ADVICE = "rerun with --restart to discard it and train from step 0, or give another --out"
 
@@ -49,16 +53,13 @@ def run_identity(
     ``rar_warmup`` names the reconstructor head a RAR run starts from (the sha256 of a shared warm-up's head, or
     "own" for the warm-up the run makes itself from its config), None for the other methods.
     """
-    training = {key: value for key, value in config.training.items() if key not in GRID_ONLY_TRAINING_KEYS}
     return {
         "version": IDENTITY_VERSION,
         "dataset": dataset,
         "method": method,
         "seed": seed,
-        "model": config.raw["model"],
-        "data": config.raw["data"],
-        "training": training,
-        "dataset_config": config.raw["datasets"][dataset],
+        "settings": method_settings(config.raw, dataset, method),
+        "code": code_fingerprint(TRAINING_ENTRY, method),
         "data_sha256": dict(data_sha256),
         "rar_warmup": rar_warmup,
     }
@@ -66,7 +67,7 @@ def run_identity(
 
 def fingerprint(identity: dict[str, Any]) -> str:
     """A short stable digest of an identity, for logs and for comparing at a glance."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(identity)
 
 
 def differing_keys(stored: Any, expected: Any, prefix: str = "") -> list[str]:

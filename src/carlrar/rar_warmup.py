@@ -26,14 +26,15 @@ from carlrar.adversary import (
 )
 from carlrar.batching import EncodedSplit, batches, encode_split, epoch_order
 from carlrar.config import Config
-from carlrar.data import read_manifest, read_split
 from carlrar.devices import leased_device
 from carlrar.errors import CarlrarError, TrainingDiverged, first_line
+from carlrar.fingerprints import code_fingerprint
 from carlrar.identity import (
     library_versions,
 )
 from carlrar.methods import Method
 from carlrar.models import TextClassifier, load_model
+from carlrar.prepared import read_manifest, read_split
 from carlrar.reconstruction import (
     build_reconstructor,
     head_state,
@@ -47,6 +48,7 @@ from carlrar.storage import atomic_dir, check_output_dir, sha256_file, write_jso
 log = logging.getLogger(__name__)
 
 
+WARMUP_ENTRY = "rar_warmup.py"  # the module `carlrar rar-warmup` runs: its imports are the warm-up's code
 WARMUP_HEAD_FILE = "reconstructor.safetensors"
 WARMUP_RECORD_FILE = "warmup.json"
 
@@ -59,6 +61,8 @@ def _warmup_identity(config: Config, manifest: dict[str, Any]) -> dict[str, Any]
         "max_length": config.data.max_length,
         "warmup": config.rar.warmup_settings(),
         "data": {split: manifest["splits"][split]["sha256"] for split in ("train", "dev")},
+        "precision": config.training["precision"],
+        "code": code_fingerprint(WARMUP_ENTRY),
     }
 
 

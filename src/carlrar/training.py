@@ -46,7 +46,6 @@ from carlrar.checkpoints import (
     write_predictions,
 )
 from carlrar.config import Config
-from carlrar.data import SPLITS, read_manifest, read_split
 from carlrar.devices import select_device
 from carlrar.distributed import Collective, init_collective
 from carlrar.errors import CarlrarError, TrainingDiverged, first_line
@@ -61,6 +60,7 @@ from carlrar.identity import (
 )
 from carlrar.methods import Method, build_method
 from carlrar.models import TextClassifier, count_parameters, load_model
+from carlrar.prepared import SPLITS, read_manifest, read_split
 from carlrar.rar_warmup import start_reconstructor, warm_up_reconstructor, warmup_fits, warmup_source
 from carlrar.reconstruction import (
     token_accuracy,

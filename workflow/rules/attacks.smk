@@ -5,16 +5,16 @@
 rule attack:
     input:
         metrics=f"{RESULTS}/runs/{{dataset}}/{{method}}/seed{{seed}}/metrics.json",
-        manifest=prepared_manifest,
-        code=code_inputs(ATTACK_CODE),
+        data=prepared_data,
     output:
         summary=f"{RESULTS}/attacks/{{dataset}}/{{method}}/seed{{seed}}/summary.json",
     params:
         run=lambda wildcards, input: str(Path(input.metrics).parent),
-        data=lambda wildcards, input: str(Path(input.manifest).parent),
+        data=data_dir,
         out=parent_of("summary"),
         config=RESOLVED_CONFIG,
-        fingerprint=attack_fingerprint,
+        settings=job_param("attack", "settings"),
+        code=job_param("attack", "code"),
     log:
         f"{LOGS}/attack/{{dataset}}/{{method}}/seed{{seed}}.log",
     benchmark:
@@ -36,16 +36,16 @@ rule samples:
     input:
         metrics=f"{RESULTS}/runs/{{dataset}}/{{method}}/seed{{seed}}/metrics.json",
         base=f"{RESULTS}/runs/{{dataset}}/base/seed{{seed}}/metrics.json",
-        manifest=prepared_manifest,
-        code=code_inputs(ATTACK_CODE),
+        data=prepared_data,
     output:
         report=f"{RESULTS}/samples/{{dataset}}/{{method}}/seed{{seed}}.json",
     params:
         run=lambda wildcards, input: str(Path(input.metrics).parent),
         base=lambda wildcards, input: str(Path(input.base).parent),
-        data=lambda wildcards, input: str(Path(input.manifest).parent),
+        data=data_dir,
         config=RESOLVED_CONFIG,
-        fingerprint=samples_fingerprint,
+        settings=job_param("samples", "settings"),
+        code=job_param("samples", "code"),
     log:
         f"{LOGS}/samples/{{dataset}}/{{method}}/seed{{seed}}.log",
     benchmark:
@@ -66,9 +66,8 @@ rule samples:
 
 rule robustness_tables:
     input:
-        summaries=attack_summaries(),
-        samples=sample_reports(),
-        code=code_inputs(TABLE_CODE),
+        summaries=after_prepare(attack_summaries()),
+        samples=after_prepare(sample_reports()),
     output:
         [report(f"{TABLES}/{name}.{ext}", caption="../report/robustness.rst", category="Tables",
                 labels={"table": name, "format": ext}) if ext == "md" else f"{TABLES}/{name}.{ext}"
@@ -76,6 +75,7 @@ rule robustness_tables:
     params:
         out=lambda wildcards, output: str(Path(output[0]).parent),
         samples=lambda wildcards, input: ("--samples " + " ".join(input.samples)) if input.samples else "",
+        code=job_param("robustness_tables", "code"),
     log:
         f"{LOGS}/tables/robustness.log",
     conda:
@@ -88,16 +88,16 @@ rule robustness_tables:
 
 rule figures:
     input:
-        metrics=metrics_files(),
-        summaries=attack_summaries(),
+        metrics=after_prepare(metrics_files()),
+        summaries=after_prepare(attack_summaries()),
         paired=f"{TABLES}/table_paired.csv",  # the differences from FreeLB, bootstrapped once (rule paired_table)
-        code=code_inputs(FIGURE_CODE),
     output:
         [report(f"{FIGURES}/{name}.{ext}", caption="../report/figures.rst", category="Figures",
                 labels={"figure": name}) if ext == "png" else f"{FIGURES}/{name}.{ext}"
          for name in FIGURE_NAMES for ext in ("pdf", "png")],
     params:
         out=lambda wildcards, output: str(Path(output[0]).parent),
+        code=job_param("figures", "code"),
     log:
         f"{LOGS}/figures/figures.log",
     conda:

@@ -1,11 +1,8 @@
 # Shared set-up: config validation, paths, the grid and every helper function the rules use (the rule files hold
 # only rules, so each step reads top to bottom).
-import ast
 import copy
-import hashlib
 import importlib.util
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -25,8 +22,11 @@ if importlib.util.find_spec("carlrar") is None:
     sys.path.insert(0, str(REPO_SRC))
     logger.info(f"carlrar is not installed in Snakemake's Python; parsing with {REPO_SRC}")
 
-from carlrar.config import ConfigError, coerce_exponent_numbers, resolve
-from carlrar.registry import CONTRASTIVE_METHODS, RECONSTRUCTION_METHODS
+from carlrar import fingerprints, plan
+from carlrar.config import ConfigError, coerce_exponent_numbers, from_mapping, resolve
+from carlrar.fingerprints import code_fingerprint, digest
+from carlrar.prepared import SPLIT_HASHES_FILE
+from carlrar.sources import raw_files
 from carlrar.storage import write_text
 
 
@@ -75,38 +75,19 @@ wildcard_constraints:
 # `carlrar` reads one YAML file, but the workflow config may come from several files plus --config overrides,
 # so the resolved mapping is written to RESOLVED_CONFIG when a real run starts (onstart: not in dry runs,
 # and rewritten only when its content changes). It is deliberately not an input of the jobs: then an edit of one
-# dataset's section would rerun every job. Instead each rule carries, as a param, a fingerprint of exactly the
-# config sections it reads, and Snakemake's params rerun trigger reruns just the affected jobs.
-def _fingerprint(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def prepare_fingerprint(wildcards):
-    return _fingerprint(
-        {"raw_dir": config["raw_dir"], "data": config["data"], "dataset": config["datasets"][wildcards.dataset]}
-    )
-
-
-def train_fingerprint(wildcards):
-    # training.seeds and training.methods only shape the grid; a new seed or method must not rerun old runs
-    training = {k: v for k, v in config["training"].items() if k not in ("seeds", "methods")}
-    return _fingerprint(
-        {"model": config["model"], "training": training, "data": config["data"],
-         "dataset": config["datasets"][wildcards.dataset]}
-    )
-
-
-# The analysis keys each command reads (analysis.datasets and samples_dataset only shape the grid).
-ATTACK_SETTINGS = ("epsilons", "steps", "step_size_ratio", "batch_size", "seed")
-SAMPLES_SETTINGS = ("samples_epsilon", "steps", "step_size_ratio", "batch_size", "seed")
-
-
-def attack_fingerprint(wildcards):
-    return _fingerprint({key: config["analysis"][key] for key in ATTACK_SETTINGS})
-
-
-def samples_fingerprint(wildcards):
-    return _fingerprint({key: config["analysis"][key] for key in SAMPLES_SETTINGS})
+# dataset's section would rerun every job. Instead each job carries two params, and Snakemake's params rerun
+# trigger reruns exactly the jobs whose params changed (carlrar.fingerprints, shared with `carlrar train`'s run
+# identity and the DVC pipeline):
+#   settings: a digest of the config sections the job reads (a train job: the shared sections and its method's
+#             parts only, so CARL's temperature reruns carl and carl_rar, not base);
+#   code:     a digest of the modules the job runs, blind to comments and docstrings (a train job: its method's
+#             modules only, so an edit to contrastive.py reruns no base run).
+# The package code is therefore no input file: a comment or docstring edit reruns nothing.
+def job_param(rule, name):
+    """A params function: the ``name`` digest ("settings" or "code") of this job (carlrar.plan.job_params)."""
+    return lambda wildcards: plan.job_params(
+        config, rule, wildcards.get("dataset", ""), wildcards.get("method", "")
+    )[name]
 
 
 def _write_resolved_config():
@@ -121,71 +102,13 @@ onstart:
     _write_resolved_config()
 
 
-# --- code dependencies -----------------------------------------------------------------------------------------
-# Snakemake does not track the code a shell rule calls, so the package modules each step runs are its inputs
-# (small files: Snakemake compares checksums, so only a real edit reruns). They are read from the imports: the
-# step's entry module and every carlrar module it imports, directly or not (carlrar.cli, which only dispatches,
-# is left out). A method's regulariser module counts only for the methods that use it.
-PACKAGE_DIR = Path(importlib.util.find_spec("carlrar").origin).parent
-REGULARISER_MODULES = {"contrastive.py": CONTRASTIVE_METHODS, "reconstruction.py": RECONSTRUCTION_METHODS}
-
-
-def _carlrar_imports(module_file):
-    """The carlrar modules one source file imports (at any depth of the file: lazy imports count too)."""
-    found = set()
-    for node in ast.walk(ast.parse(module_file.read_text(encoding="utf-8"))):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "carlrar" and len(parts) > 1 and (PACKAGE_DIR / f"{parts[1]}.py").is_file():
-                found.add(f"{parts[1]}.py")
-    return found
-
-
-def module_closure(*entries):
-    """The entry modules and every carlrar module they import, transitively, as sorted file names."""
-    seen, todo = set(), [e for e in entries]
-    while todo:
-        name = todo.pop()
-        if name not in seen and name != "cli.py":
-            seen.add(name)
-            todo.extend(_carlrar_imports(PACKAGE_DIR / name))
-    return sorted(seen)
-
-
-def code_inputs(modules):
-    paths = [PACKAGE_DIR / name for name in modules]
-    return [str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p) for p in paths]
-
-
-DATA_CODE = module_closure("data.py")
-TRAIN_CODE = module_closure("training.py")
-WARMUP_CODE = module_closure("rar_warmup.py")
-ATTACK_CODE = module_closure("attacks.py")
-TABLE_CODE = module_closure("reporting.py")
-PAIRED_CODE = module_closure("paired.py")
-FIGURE_CODE = module_closure("figures.py")
-HPSEARCH_SELECT_CODE = module_closure("hpsearch.py")
-
-
-def method_code(method):
-    """The training code of one method: the regulariser modules of the other methods do not count."""
-    return code_inputs([m for m in TRAIN_CODE if method in REGULARISER_MODULES.get(m, (method,))])
-
-
-def train_code(wildcards):
-    return method_code(wildcards.method)
-
-
 # --- paths -------------------------------------------------------------------------------------------------------
 def run_dir(dataset, method, seed):
     return f"{RESULTS}/runs/{dataset}/{method}/seed{seed}"
 
 
 def metrics_files():
-    return [f"{run_dir(d, m, s)}/metrics.json" for d in DATASETS for m in METHODS for s in SEEDS]
+    return [f"{run_dir(d, m, s)}/metrics.json" for d, m, s in plan.runs(config)]
 
 
 TABLE2_PREFIX = f"{RESULTS}/tables/table2_accuracy"
@@ -196,21 +119,14 @@ ROBUSTNESS_TABLES = ["table4_representation", "table5_robustness"]
 FIGURE_NAMES = ["robustness_vs_epsilon", "representation_distance", "learning_curves"]
 
 
-ANALYSIS = config["analysis"]
-ATTACKED = [d for d in DATASETS if ANALYSIS["datasets"] is None or d in ANALYSIS["datasets"]]
-
-
 def attack_summaries():
-    return [f"{RESULTS}/attacks/{d}/{m}/seed{s}/summary.json" for d in ATTACKED for m in METHODS for s in SEEDS]
+    runs = plan.runs(config, plan.attacked_datasets(config))
+    return [f"{RESULTS}/attacks/{d}/{m}/seed{s}/summary.json" for d, m, s in runs]
 
 
 def sample_reports():
     """Table 6 inputs: the rar / carl_rar runs of analysis.samples_dataset, when base runs exist to judge them."""
-    dataset = ANALYSIS["samples_dataset"]
-    if dataset not in DATASETS or "base" not in METHODS:
-        return []
-    methods = [m for m in METHODS if m in RECONSTRUCTION_METHODS]
-    return [f"{RESULTS}/samples/{dataset}/{m}/seed{s}.json" for m in methods for s in SEEDS]
+    return [f"{RESULTS}/samples/{d}/{m}/seed{s}.json" for d, m, s in plan.sampled_runs(config)]
 
 
 if sample_reports():
@@ -228,20 +144,50 @@ def table_files():
     )
 
 
-# --- prepared data ------------------------------------------------------------------------------------------------
-def prepared_manifest(wildcards):
-    """The dataset's manifest.json, the data input of every training and attack job.
+# --- data ---------------------------------------------------------------------------------------------------------
+TYPED_CONFIG = from_mapping(config)
 
-    `prepare` is a checkpoint. When its folder already exists and the job reruns (edited data code, new raw
-    files), the jobs that read it are planned again only after it has finished: then Snakemake sees whether the
-    manifest, which holds the splits' content hashes, really changed (it compares checksums of small files), so
-    identical splits rerun no training or attack, within one call as across calls. A dataset not yet prepared is
-    an ordinary dependency, so a dry run of a fresh clone still lists every job.
+
+def raw_inputs(wildcards):
+    """The raw files preparing the dataset reads (none for a split read from the hub): a corrected file reruns it."""
+    return [str(path) for path in raw_files(TYPED_CONFIG.datasets[wildcards.dataset], config["raw_dir"])]
+
+
+def prepared_data(wildcards):
+    """The dataset's splits_sha256.json, the data input of every training, warm-up and attack job.
+
+    It holds only the splits' content hashes (not the manifest's provenance: source files, versions), so a
+    re-prepare that samples the same rows leaves it the same. `prepare` is a checkpoint: when its folder exists
+    and the job reruns (edited data code, a corrected raw file), the jobs that read it are planned again only
+    after it has finished; then Snakemake sees that the small file's checksum did not change and reruns nothing
+    downstream, within one call as across calls. A dataset not yet prepared is an ordinary dependency, so a dry
+    run of a fresh clone still lists every job.
     """
-    path = f"{PROCESSED}/{wildcards.dataset}/manifest.json"
+    path = f"{PROCESSED}/{wildcards.dataset}/{SPLIT_HASHES_FILE}"
     if Path(path).is_file():
-        return checkpoints.prepare.get(dataset=wildcards.dataset).output.manifest
+        return checkpoints.prepare.get(dataset=wildcards.dataset).output.hashes
     return path
+
+
+def after_prepare(paths):
+    """An input function giving ``paths`` once every prepared dataset's checkpoint is settled.
+
+    For the jobs that gather runs (tables, figures): were they planned before a re-prepare finished, Snakemake
+    would rerun them for training that the identical splits then do not rerun.
+    """
+
+    def inputs(wildcards):
+        for dataset in DATASETS:
+            if Path(f"{PROCESSED}/{dataset}/{SPLIT_HASHES_FILE}").is_file():
+                checkpoints.prepare.get(dataset=dataset)
+        return paths
+
+    return inputs
+
+
+def data_dir(wildcards, input):
+    """A params function: the prepared folder of the job's data input."""
+    return str(Path(input.data).parent)
 
 
 # --- RAR's reconstructor warm-up ------------------------------------------------------------------------------------
@@ -250,15 +196,9 @@ RAR_WARMUP = f"{RESULTS}/rar_warmup"
 
 def rar_warmup_input(wildcards):
     """rar and carl_rar start from the dataset's reconstructor warm-up when training.rar.warmup_steps > 0."""
-    if wildcards.method in RECONSTRUCTION_METHODS and config["training"]["rar"]["warmup_steps"]:
+    if wildcards.method in plan.reconstruction_methods(config) and wildcards.dataset in plan.warmup_datasets(config):
         return {"warmup": f"{RAR_WARMUP}/{wildcards.dataset}/warmup.json"}
     return {}
-
-
-def rar_warmup_fingerprint(wildcards):
-    rar = {k: v for k, v in config["training"]["rar"].items() if k.startswith("warmup_")}
-    return _fingerprint({"model": config["model"], "rar": rar, "data": config["data"],
-                         "eval_batch_size": config["training"]["eval_batch_size"]})
 
 
 def rar_warmup_flag(wildcards, input):
@@ -288,18 +228,19 @@ def hpsearch_overrides(wildcards):
     return " ".join(f"--set {item}" for item in overrides)
 
 
-def hpsearch_fingerprint(wildcards):
-    # as train_fingerprint, minus the searched values (they are in the path) plus the search's method and epochs;
-    # a changed grid adds or drops trials without rerunning the others
-    training = {k: v for k, v in config["training"].items() if k not in ("seeds", "methods")}
+def hpsearch_settings(wildcards):
+    """As train_settings for the search's method, at the search's epochs and without the searched values (they are
+    in the path): a changed grid adds or drops trials without rerunning the others."""
+    searched = copy.deepcopy(config)
     if HPSEARCH["epochs"] is not None:
-        training["epochs"] = HPSEARCH["epochs"]
-    dataset = copy.deepcopy(config["datasets"][wildcards.dataset])
-    dataset["freelb"] = {k: v for k, v in dataset.get("freelb", {}).items() if k not in HP_PARAMS}
-    return _fingerprint(
-        {"model": config["model"], "training": training, "data": config["data"], "dataset": dataset,
-         "method": HP_METHOD}
-    )
+        searched["training"]["epochs"] = HPSEARCH["epochs"]
+    freelb = searched["datasets"][wildcards.dataset].get("freelb", {})
+    searched["datasets"][wildcards.dataset]["freelb"] = {k: v for k, v in freelb.items() if k not in HP_PARAMS}
+    return digest(fingerprints.method_settings(searched, wildcards.dataset, HP_METHOD))
+
+
+def hpsearch_code(wildcards):
+    return code_fingerprint(plan.TRAINING_ENTRY, HP_METHOD)
 
 
 # --- output folders given to the commands (derived from the outputs, as `snakemake --lint` asks) -------------------

@@ -9,8 +9,7 @@
 
 rule hpsearch_train:
     input:
-        manifest=prepared_manifest,
-        code=method_code(HP_METHOD),
+        data=prepared_data,
     output:
         metrics=f"{HPSEARCH_DIR}/{{dataset}}/{{trial}}/seed{{seed}}/metrics.json",
     wildcard_constraints:
@@ -20,10 +19,11 @@ rule hpsearch_train:
     params:
         config=RESOLVED_CONFIG,
         method=HP_METHOD,
-        data=lambda wildcards, input: str(Path(input.manifest).parent),
+        data=data_dir,
         out=parent_of("metrics"),
         overrides=hpsearch_overrides,
-        fingerprint=hpsearch_fingerprint,
+        settings=hpsearch_settings,
+        code=hpsearch_code,
     log:
         f"{LOGS}/hpsearch/{{dataset}}/{{trial}}/seed{{seed}}.log",
     benchmark:
@@ -44,8 +44,7 @@ rule hpsearch_train:
 
 rule hpsearch_select:
     input:
-        metrics=hpsearch_metrics_files(),
-        code=code_inputs(HPSEARCH_SELECT_CODE),
+        metrics=after_prepare(hpsearch_metrics_files()),
     output:
         best=[f"{HPSEARCH_DIR}/{d}/best.yaml" for d in DATASETS],
         combined=f"{HPSEARCH_DIR}/freelb_best.yaml",
@@ -53,6 +52,7 @@ rule hpsearch_select:
         csv=f"{HPSEARCH_DIR}/trials.csv",
     params:
         out_dir=lambda wildcards, output: str(Path(output.combined).parent),
+        code=code_fingerprint("hpsearch.py"),
     log:
         f"{LOGS}/hpsearch/select.log",
     conda:

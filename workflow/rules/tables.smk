@@ -3,8 +3,7 @@
 
 rule table2:
     input:
-        metrics=metrics_files(),
-        code=code_inputs(TABLE_CODE),
+        metrics=after_prepare(metrics_files()),
     output:
         md=report(f"{TABLE2_PREFIX}.md", caption="../report/table2.rst", category="Tables",
                   labels={"table": "2 (accuracy)", "format": "md"}),
@@ -13,6 +12,7 @@ rule table2:
         tex=f"{TABLE2_PREFIX}.tex",
     params:
         prefix=prefix_of("md"),
+        code=job_param("table2", "code"),
     log:
         f"{LOGS}/table2/table2_accuracy.log",
     conda:
@@ -24,8 +24,7 @@ rule table2:
 
 rule table7:
     input:
-        metrics=metrics_files(),
-        code=code_inputs(TABLE_CODE),
+        metrics=after_prepare(metrics_files()),
     output:
         md=report(f"{TABLE7_PREFIX}.md", caption="../report/table7.rst", category="Tables",
                   labels={"table": "7 (parameters)", "format": "md"}),
@@ -33,6 +32,7 @@ rule table7:
                    labels={"table": "7 (parameters)", "format": "csv"}),
     params:
         prefix=prefix_of("md"),
+        code=job_param("table7", "code"),
     log:
         f"{LOGS}/table7/table7_params.log",
     conda:
@@ -46,15 +46,15 @@ rule table7:
 # beside each metrics.json) and under attack (records_eps*.parquet beside each summary.json), paired bootstrap CIs.
 rule paired_table:
     input:
-        metrics=metrics_files(),
-        summaries=attack_summaries(),
-        code=code_inputs(PAIRED_CODE),
+        metrics=after_prepare(metrics_files()),
+        summaries=after_prepare(attack_summaries()),
     output:
         [report(f"{TABLES}/table_paired.{ext}", caption="../report/paired.rst", category="Tables",
                 labels={"table": "paired differences", "format": ext}) if ext in ("md", "csv")
          else f"{TABLES}/table_paired.{ext}" for ext in ("md", "csv", "tex")],
     params:
         prefix=lambda wildcards, output: str(Path(output[0]).with_suffix("")),
+        code=job_param("paired_table", "code"),
     log:
         f"{LOGS}/tables/paired.log",
     conda:

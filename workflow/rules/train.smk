@@ -9,15 +9,15 @@
 # by the rar and carl_rar runs of every seed.
 rule rar_warmup:
     input:
-        manifest=prepared_manifest,
-        code=code_inputs(WARMUP_CODE),
+        data=prepared_data,
     output:
         record=f"{RAR_WARMUP}/{{dataset}}/warmup.json",
     params:
         config=RESOLVED_CONFIG,
-        data=lambda wildcards, input: str(Path(input.manifest).parent),
+        data=data_dir,
         out=parent_of("record"),
-        fingerprint=rar_warmup_fingerprint,
+        settings=job_param("rar_warmup", "settings"),
+        code=job_param("rar_warmup", "code"),
     log:
         f"{LOGS}/rar_warmup/{{dataset}}.log",
     benchmark:
@@ -36,24 +36,25 @@ rule rar_warmup:
         " > {log:q} 2>&1"
 
 
-# --restart-if-changed: the job reruns when its params (the config fingerprint), code or data change; the run folder's
-# checkpoint is then discarded if another configuration wrote it, and resumed if it is this configuration's own
-# (a preempted or killed job), so a run never continues weights of other settings.
+# --restart-if-changed: the job reruns when its params (settings and code digests) or data change; the run folder's
+# checkpoint is then discarded if other settings or other code wrote it (the run identity holds both digests), and
+# resumed if it is this run's own (a preempted or killed job), so a run never continues weights of other settings
+# and a code fix always reaches the weights.
 rule train:
     input:
-        # Only the manifest, not the parquet files: it is small, so Snakemake compares its checksum, and it holds
-        # the splits' content hashes. A re-prepare that yields identical splits therefore reruns no training.
+        # Only the splits' content hashes, not the parquet files or the manifest: a small file whose checksum
+        # Snakemake compares, so a re-prepare that yields identical splits reruns no training.
         unpack(rar_warmup_input),
-        manifest=prepared_manifest,
-        code=train_code,
+        data=prepared_data,
     output:
         metrics=f"{RESULTS}/runs/{{dataset}}/{{method}}/seed{{seed}}/metrics.json",
     params:
         config=RESOLVED_CONFIG,
-        data=lambda wildcards, input: str(Path(input.manifest).parent),
+        data=data_dir,
         out=parent_of("metrics"),
-        fingerprint=train_fingerprint,
+        settings=job_param("train", "settings"),
         rar_warmup=rar_warmup_flag,
+        code=job_param("train", "code"),
     log:
         f"{LOGS}/train/{{dataset}}/{{method}}/seed{{seed}}.log",
     benchmark:

@@ -3,8 +3,18 @@
 DVC versions the data, trained weights, tables and metrics; Snakemake decides which jobs are out of date and
 runs them in parallel. Each DVC stage therefore calls Snakemake for the whole run and lets it do only what is needed.
 
+    python workflow/scripts/dvc_stage.py fingerprints   # every job's settings and code digests (the stages' params)
     python workflow/scripts/dvc_stage.py snakemake [SNAKEMAKE ARGS...]   # e.g. --until prepare
+    python workflow/scripts/dvc_stage.py split-hashes   # the prepared splits' content hashes, all datasets
     python workflow/scripts/dvc_stage.py summary
+    python workflow/scripts/dvc_stage.py status [DVC STATUS ARGS...]  # fingerprints, then `dvc status`
+
+What reruns: DVC hashes files, so it cannot itself compute what a job depends on (a digest of the code blind to
+comments, the settings of one method). The ``fingerprints`` stage writes them, from the same functions that give
+the Snakemake rules their params (carlrar.plan), to ``results/<run>/fingerprints.yaml``; the other stages
+declare its sections as params. The workflow stage depends on the prepared splits' content hashes, not on the
+prepared files, so a re-prepare that samples the same rows reruns nothing after it. ``dvc repro`` runs the
+fingerprints stage first; ``dvc status`` reads the file as last written, so ``dvc_stage.py status`` refreshes it.
 
 params.yaml has two sections. ``run`` (config file, run name, raw data folder) says *what* is built: dvc.yaml
 declares it as a parameter, so a change reruns the stages. ``machine`` (Snakemake profile, extra arguments) says
@@ -77,7 +87,7 @@ def check_raw_data(run: dict, config: Config) -> None:
     instead is not versioned, and offline the failure would only show in a job log. A fresh clone holds just
     data/raw/README.md there, so this is where a first `dvc repro` says what to put where.
     """
-    from carlrar.data import missing_local_files  # the package's own rule for which files a dataset reads
+    from carlrar.sources import missing_local_files  # the package's own rule for which files a dataset reads
 
     raw_dir = Path(run["raw_dir"])
     if not raw_dir.is_dir():
@@ -106,6 +116,56 @@ def run_snakemake(extra: list[str]) -> int:
     command += extra
     print("+", shlex.join(command), flush=True)
     return subprocess.call(command)
+
+
+def fingerprints_path(run: dict) -> Path:
+    return Path("results") / run["name"] / "fingerprints.yaml"
+
+
+def split_hashes_path(run: dict) -> Path:
+    return Path("data/processed") / f"{run['name']}.splits_sha256.json"
+
+
+def write_fingerprints() -> int:
+    """Every job's params (carlrar.plan.all_params) for params.yaml's run; rewritten only when they change."""
+    from carlrar.plan import all_params
+    from carlrar.storage import write_text
+
+    run, _ = load_params()
+    config = load_run_config(run)
+    check_run_name(run, config)
+    text = "# Written by dvc_stage.py fingerprints: what each job depends on (carlrar.plan). Do not edit.\n"
+    text += yaml.safe_dump(all_params(config.raw), sort_keys=True)
+    out = fingerprints_path(run)
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:
+        write_text(out, text)
+    print(f"wrote {out}", file=sys.stderr)  # stderr: `status --json` prints only DVC's JSON
+    return 0
+
+
+def write_split_hashes() -> int:
+    """Every prepared dataset's splits_sha256.json in one file: the workflow stage's data dependency."""
+    from carlrar.prepared import SPLIT_HASHES_FILE
+    from carlrar.storage import write_text
+
+    run, _ = load_params()
+    config = load_run_config(run)
+    folder = Path("data/processed") / run["name"]
+    hashes = {}
+    for dataset in config.datasets:
+        path = folder / dataset / SPLIT_HASHES_FILE
+        if not path.is_file():
+            fail(f"{path} not found: the prepare stage did not prepare {dataset}; run `dvc repro prepare`")
+        hashes[dataset] = json.loads(path.read_text(encoding="utf-8"))
+    write_text(split_hashes_path(run), json.dumps(hashes, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {split_hashes_path(run)}")
+    return 0
+
+
+def status(extra: list[str]) -> int:
+    """``dvc status`` after refreshing the fingerprints, so that it names every stage a change reruns."""
+    write_fingerprints()
+    return subprocess.call(["dvc", "status", *extra])
 
 
 def _number(text: str) -> int | float | None:
@@ -176,12 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("snakemake", help="run snakemake for params.yaml's run; further arguments go to snakemake")
     sub.add_parser("summary", help="write results/<run>/summary.json (DVC metrics) from the table CSVs")
+    sub.add_parser("fingerprints", help="write results/<run>/fingerprints.yaml: every job's settings and code digests")
+    sub.add_parser("split-hashes", help="write data/processed/<run>.splits_sha256.json from the prepared datasets")
+    sub.add_parser("status", help="refresh the fingerprints, then run `dvc status` (further arguments go to it)")
     args, extra = parser.parse_known_args(argv)
-    if args.command == "snakemake":
-        return run_snakemake(extra)
+    if args.command in ("snakemake", "status"):
+        return run_snakemake(extra) if args.command == "snakemake" else status(extra)
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    return write_summary()
+    commands = {"summary": write_summary, "fingerprints": write_fingerprints, "split-hashes": write_split_hashes}
+    return commands[args.command]()
 
 
 if __name__ == "__main__":
