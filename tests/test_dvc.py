@@ -110,8 +110,11 @@ def test_committed_params_agree_with_the_config_they_name(monkeypatch: pytest.Mo
 
 def test_dvc_yaml_tracks_folders_and_keeps_checkpoints() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    assert list(stages) == ["prepare", "workflow", "summary"]
-    assert stages["prepare"]["outs"] == ["data/processed/${run.name}"]
+    assert list(stages) == ["fingerprints", "prepare", "workflow", "summary"]
+    assert stages["prepare"]["outs"][0] == "data/processed/${run.name}"
+    # the workflow reads the splits' content hashes and the jobs' params, never the package's files (comments)
+    assert "src/carlrar" not in stages["workflow"]["deps"] and "src/carlrar" in stages["fingerprints"]["deps"]
+    assert "data/processed/${run.name}.splits_sha256.json" in stages["workflow"]["deps"]
     outs = {
         next(iter(o)) if isinstance(o, dict) else o: (o[next(iter(o))] if isinstance(o, dict) else {})
         for o in stages["workflow"]["outs"]

@@ -109,7 +109,10 @@ def _stage_helper(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def _track_with_dvc(root: Path) -> None:
     """Make the finished grid a git + DVC repository whose dvc.lock records it as it is (dvc commit)."""
-    params = {"run": {"config": "config/rerun.yaml", "name": "rerun", "raw_dir": "raw"}, "machine": {"args": ""}}
+    params = {
+        "run": {"config": "config/rerun.yaml", "name": "rerun", "raw_dir": "raw"},
+        "machine": {"args": "--cores 2"},
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.org"]):
         _run(root, *command)
