@@ -146,3 +146,22 @@ def test_the_workflow_parses_the_fingerprints_module_without_heavy_imports() -> 
             for alias in node.names
         }
         assert not imported & {"torch", "transformers", "pandas", "pyarrow", "datasets", "numpy"}, name
+
+
+def test_run_identity_holds_the_methods_settings_and_code(monkeypatch) -> None:
+    """`carlrar train` resumes a base run after a CARL setting changed, and refuses a checkpoint of other code."""
+    from carlrar import identity
+    from carlrar.config import from_mapping
+
+    raw = load_config(ROOT / "config" / "config.yaml").raw
+
+    def ident(cfg: dict, method: str) -> dict:
+        return identity.run_identity(from_mapping(cfg), "sst2", method, 1, {"train": "x"}, None)
+
+    base, carl = ident(raw, "base"), ident(raw, "carl")
+    edited = copy.deepcopy(raw)
+    edited["training"]["carl"]["temperature"] = 0.5
+    assert ident(edited, "base") == base and ident(edited, "carl") != carl
+    assert identity.differing_keys(carl, ident(edited, "carl")) == ["settings.parts.carl.training.temperature"]
+    monkeypatch.setattr(identity, "code_fingerprint", lambda entry, method: "other code")
+    assert identity.differing_keys(base, ident(raw, "base")) == ["code"]
