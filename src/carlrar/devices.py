@@ -26,8 +26,9 @@ as its own SLURM job: the lease is then always free and costs one lock file.) An
 in a SLURM job that sees one GPU; it let all the jobs of a one-GPU allocation run on ``cuda:0`` at once.
 
 Limits: the index is the last resort; two jobs confined to different GPUs that report no UUID, no id entry and
-no PCI address, both outside SLURM (e.g. two containers given one lock folder), still block each other: give
-each its own ``CARLRAR_GPU_LOCK_DIR`` or set ``CARLRAR_GPU_LEASE=off``. Slots are advisory: they keep carlrar
+no PCI address still block each other where they share a lock scope (two containers given one lock folder, or
+two ``srun`` steps of one SLURM job, each confined to its own GPU): give each its own ``CARLRAR_GPU_LOCK_DIR``
+or set ``CARLRAR_GPU_LEASE=off``. Slots are advisory: they keep carlrar
 runs apart, not other programs, and they do not measure memory; choose S so that S runs fit in one GPU's memory.
 
 Environment:
