@@ -29,16 +29,17 @@ $(STAMP): pyproject.toml
 
 # The quick CPU reproduction: MiniLM-L6, SST-2 and AG's News samples, all five methods, 2 seeds, attacks,
 # every table and figure under results/quick/ (see config/quick.yaml). Raw data from RAW_DIR, else the hub.
-# SNAKEMAKE_ARGS passes more options, e.g. `make quick SNAKEMAKE_ARGS=-n` for the plan only.
+# SNAKEMAKE_ARGS passes more options or targets, e.g. `make quick SNAKEMAKE_ARGS=-n` for the plan only. It follows
+# --cores, which takes one value: after --config (several values) a target would be read as a config entry.
 quick: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/quick --cores $(QUICK_CORES) \
-		--configfile config/quick.yaml --replace-workflow-config --config raw_dir="$(RAW_DIR)" $(SNAKEMAKE_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/quick --configfile config/quick.yaml \
+		--replace-workflow-config --config raw_dir="$(RAW_DIR)" --cores $(QUICK_CORES) $(SNAKEMAKE_ARGS)
 
 # The evidence run: the quick recipe on larger samples, 3 seeds, k = 10 attacks, about 90 minutes on 2 cores
 # (config/minilm.yaml; results under results/minilm/).
 evidence: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/quick --cores $(QUICK_CORES) \
-		--configfile config/minilm.yaml --replace-workflow-config --config raw_dir="$(RAW_DIR)" $(SNAKEMAKE_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/quick --configfile config/minilm.yaml \
+		--replace-workflow-config --config raw_dir="$(RAW_DIR)" --cores $(QUICK_CORES) $(SNAKEMAKE_ARGS)
 
 # The default suite (under 10 minutes on 2 cores); test-slow adds the long end-to-end checks (DVC, report).
 test: setup

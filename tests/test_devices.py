@@ -1,7 +1,9 @@
 """Choosing the GPU, tested without one: torch's CUDA queries and the UUID lookup are faked.
 
-What the fakes stand for: ``uuids[i]`` is the physical GPU behind torch's visible device ``i``. Two "jobs" on a
-cgroup-confined node both see ``CUDA_VISIBLE_DEVICES=0`` yet hold different UUIDs; the lock must follow the UUID.
+What the fakes stand for: ``uuids[i]`` is the physical GPU behind torch's visible device ``i`` (None: torch
+reports no UUID; ``pcis[i]`` is then its PCI address, None by default). Two "jobs" on a cgroup-confined node both
+see ``CUDA_VISIBLE_DEVICES=0`` yet hold different UUIDs; the lock must follow the UUID. A SLURM job is faked by
+its variables (``SLURM_JOB_ID`` and the GPU list SLURM sets); the "other job" is another process with its own.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ def lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def fake_gpus(monkeypatch: pytest.MonkeyPatch, uuids: list[str | None]) -> None:
-    """torch sees ``len(uuids)`` GPUs; visible device ``i`` is the physical GPU ``uuids[i]``."""
+def fake_gpus(monkeypatch: pytest.MonkeyPatch, uuids: list[str | None], pcis: list[str | None] | None = None) -> None:
+    """torch sees ``len(uuids)`` GPUs; visible device ``i`` is the physical GPU ``uuids[i]`` at ``pcis[i]``."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(uuids))
     monkeypatch.setattr(devices, "gpu_uuid", lambda index: uuids[index])
+    monkeypatch.setattr(devices, "gpu_pci_address", lambda index: (pcis or [None] * len(uuids))[index])
 
 
 HOLDER = textwrap.dedent(
@@ -50,7 +53,8 @@ HOLDER = textwrap.dedent(
     from carlrar import devices
     torch.cuda.is_available = lambda: True
     torch.cuda.device_count = lambda: 1
-    devices.gpu_uuid = lambda index: sys.argv[1]
+    devices.gpu_uuid = lambda index: sys.argv[1] or None
+    devices.gpu_pci_address = lambda index: None
     device, lease = devices.select_device("auto", wait_seconds=0)
     print(device, lease.physical_id, lease.slot, flush=True)
     sys.stdin.read()  # hold the lease until the test closes our stdin
@@ -58,15 +62,30 @@ HOLDER = textwrap.dedent(
 )
 
 
-def hold_gpu_in_other_job(uuid: str) -> subprocess.Popen[str]:
-    """Another carlrar job (its own process, same environment) that leases the GPU ``uuid`` and keeps it."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(carlrar.__file__).parents[1]), *sys.path]))
+def hold_gpu_in_other_job(uuid: str | None, slot: int = 0, **env: str) -> subprocess.Popen[str]:
+    """Another carlrar job (its own process; this environment with ``env`` on top) that leases its device 0, the
+    GPU ``uuid`` (None: no UUID readable), and keeps it; it must have got ``slot``."""
+    path = os.pathsep.join([str(Path(carlrar.__file__).parents[1]), *sys.path])
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, uuid], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", HOLDER, uuid or ""],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=path, **env),
     )
     assert holder.stdout is not None
-    assert holder.stdout.readline().split() == ["cuda:0", uuid, "0"]
+    assert holder.stdout.readline().split() == ["cuda:0", uuid or "0", str(slot)]
     return holder
+
+
+def lock_names(lock_dir: Path) -> list[str]:
+    return sorted(path.name for path in lock_dir.iterdir())
+
+
+def in_slurm_job(monkeypatch: pytest.MonkeyPatch, job: str) -> None:
+    """This process runs in SLURM job ``job``, allocated one GPU (node index 3), seen as device 0 (cgroups)."""
+    for name, value in {"SLURM_JOB_ID": job, "SLURM_JOB_GPUS": "3", "CUDA_VISIBLE_DEVICES": "0"}.items():
+        monkeypatch.setenv(name, value)
 
 
 def release(holder: subprocess.Popen[str]) -> None:
@@ -108,7 +127,7 @@ def test_second_job_on_the_same_gpu_is_refused_with_the_ways_out(
     message = str(refused.value)
     assert "\n" not in message
     assert "cuda:0=1f2e3d4c" in message
-    assert f"locks in {lock_dir}" in message
+    assert f"locks gpu-* in {lock_dir}" in message
     for way_out in ("lower --resources gpu=N", "raise CARLRAR_GPU_SLOTS (now 1)", "CARLRAR_GPU_LEASE=off"):
         assert way_out in message
 
@@ -148,43 +167,114 @@ def test_lease_held_by_another_process_is_skipped(tmp_path: Path) -> None:
         holder.wait()
 
 
-# --- (c, d) no lock where the scheduler isolates devices, or where the user says so -------------------------------
+# --- (c) inside a SLURM allocation: its own jobs take turns, other SLURM jobs never block them --------------------
 
 
-def test_slurm_job_with_its_own_gpu_takes_no_lock(lock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setenv("SLURM_JOB_GPUS", "3")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    fake_gpus(monkeypatch, [UUID_A])
-    assert [(str(d), lease) for d, lease in [select_device("auto", wait_seconds=0) for _ in range(3)]] == [
-        ("cuda:0", None)
-    ] * 3
-    assert not lock_dir.exists()
+@pytest.mark.parametrize("uuid", [UUID_A, None])
+def test_two_jobs_in_one_allocation_do_not_share_its_one_gpu(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch, uuid: str | None
+) -> None:
+    """`snakemake --profile profiles/gpu` inside `salloc --gpus=1`: both jobs see the same SLURM job and GPU."""
+    in_slurm_job(monkeypatch, "4242")
+    holder = hold_gpu_in_other_job(uuid)
+    try:
+        fake_gpus(monkeypatch, [uuid])
+        with pytest.raises(CarlrarError) as refused:
+            select_device("auto", wait_seconds=0)
+    finally:
+        release(holder)
+    assert f"locks slurm-job4242-gpu-* in {lock_dir}" in str(refused.value)
+    assert lock_names(lock_dir) == [f"slurm-job4242-gpu-{uuid or '0'}-slot0.lock"]
+
+
+def test_two_slots_let_two_jobs_of_one_allocation_share_its_gpu(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_slurm_job(monkeypatch, "4242")
+    monkeypatch.setenv("CARLRAR_GPU_SLOTS", "2")
+    holder = hold_gpu_in_other_job(UUID_A)
+    try:
+        fake_gpus(monkeypatch, [UUID_A])
+        device, lease = select_device("auto", wait_seconds=0)
+        assert (str(device), lease.physical_id, lease.slot) == ("cuda:0", UUID_A, 1)
+        with pytest.raises(CarlrarError, match=r"all 2 slot\(s\)"):
+            select_device("auto", wait_seconds=0)
+    finally:
+        release(holder)
+
+
+@pytest.mark.parametrize("uuid", [None, UUID_A])  # no UUID: both see "0"; one UUID: a GPU shared by --gres=shard
+def test_separate_slurm_jobs_on_one_node_lease_at_once(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch, uuid: str | None
+) -> None:
+    """profiles/slurm: each Snakemake job is its own SLURM job; SLURM, not a lock, keeps them apart."""
+    in_slurm_job(monkeypatch, "2")
+    holder = hold_gpu_in_other_job(uuid, SLURM_JOB_ID="1")
+    try:
+        fake_gpus(monkeypatch, [uuid])
+        device, lease = select_device("auto", wait_seconds=0)
+        assert (str(device), lease.physical_id, lease.slot) == ("cuda:0", uuid or "0", 0)
+    finally:
+        release(holder)
+    gpu = uuid or "0"
+    assert lock_names(lock_dir) == [f"slurm-job1-gpu-{gpu}-slot0.lock", f"slurm-job2-gpu-{gpu}-slot0.lock"]
+
+
+def test_lease_on_shares_the_locks_of_separate_slurm_jobs(lock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CARLRAR_GPU_LEASE=on: for a cluster that does not keep its jobs' GPUs apart, every job on the host counts."""
+    in_slurm_job(monkeypatch, "2")
+    monkeypatch.setenv("CARLRAR_GPU_LEASE", "on")
+    holder = hold_gpu_in_other_job(UUID_A, SLURM_JOB_ID="1")
+    try:
+        fake_gpus(monkeypatch, [UUID_A])
+        with pytest.raises(CarlrarError, match=f"locks gpu-\\* in {lock_dir}"):
+            select_device("auto", wait_seconds=0)
+    finally:
+        release(holder)
+
+
+# --- (d) which locks a job takes, from its environment --------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("slurm", "uuids", "leases"),
+    ("env", "uuids", "lock"),
     [
-        ({"SLURM_JOB_ID": "7", "SLURM_STEP_GPUS": "0"}, [UUID_A], False),
-        ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "1"}, [UUID_A], False),
-        ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "0"}, [UUID_A], True),  # no GPUs allocated: nothing isolates
-        ({"SLURM_JOB_GPUS": "0"}, [UUID_A], True),  # not inside a job
-        ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0,1"}, [UUID_A, UUID_B], True),  # the job's own jobs share 2 GPUs
-        ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0", "CARLRAR_GPU_LEASE": "on"}, [UUID_A], True),
-        ({"CARLRAR_GPU_LEASE": "off"}, [UUID_A, UUID_B], False),
-        ({"CARLRAR_GPU_LEASE": "AUTO"}, [UUID_A], True),
+        ({"SLURM_JOB_ID": "7", "SLURM_STEP_GPUS": "0"}, [UUID_A], f"slurm-job7-gpu-{UUID_A}-slot0.lock"),
+        ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "1"}, [UUID_A], f"slurm-job7-gpu-{UUID_A}-slot0.lock"),
+        ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0,1"}, [UUID_A, UUID_B], f"slurm-job7-gpu-{UUID_A}-slot0.lock"),
+        # no GPUs allocated, or not inside a job: SLURM keeps no GPUs apart, so every job on the host counts
+        ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "0"}, [UUID_A], f"gpu-{UUID_A}-slot0.lock"),
+        ({"SLURM_JOB_GPUS": "0"}, [UUID_A], f"gpu-{UUID_A}-slot0.lock"),
+        ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0", "CARLRAR_GPU_LEASE": "on"}, [UUID_A], f"gpu-{UUID_A}-slot0.lock"),
+        ({"CARLRAR_GPU_LEASE": "AUTO"}, [UUID_A], f"gpu-{UUID_A}-slot0.lock"),
+        ({"CARLRAR_GPU_LEASE": "off"}, [UUID_A, UUID_B], None),
+        ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0", "CARLRAR_GPU_LEASE": "off"}, [UUID_A], None),
     ],
 )
-def test_when_a_lease_is_taken(
-    lock_dir: Path, monkeypatch: pytest.MonkeyPatch, slurm: dict[str, str], uuids: list[str], leases: bool
+def test_which_lock_a_job_takes(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], uuids: list[str], lock: str | None
 ) -> None:
-    for name, value in slurm.items():
+    for name, value in env.items():
         monkeypatch.setenv(name, value)
     fake_gpus(monkeypatch, uuids)
     device, lease = select_device("auto", wait_seconds=0)
     assert str(device) == "cuda:0"
-    assert (lease is not None) == leases
-    assert lock_dir.exists() == leases
+    assert (Path(lease.lock.lock_file).name if lease else None) == lock
+    assert lock_dir.exists() == (lock is not None)
+
+
+def test_isolated_jobs_without_uuid_are_told_apart_by_pci_address(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside SLURM (two containers given one lock folder), the PCI address names a GPU that has no UUID."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    fake_gpus(monkeypatch, [None], pcis=["pci-0000-3b-00"])
+    _, first = select_device("auto", wait_seconds=0)
+    fake_gpus(monkeypatch, [None], pcis=["pci-0000-86-00"])
+    _, second = select_device("auto", wait_seconds=0)
+    assert (first.physical_id, second.physical_id) == ("pci-0000-3b-00", "pci-0000-86-00")
+    with pytest.raises(CarlrarError, match="all 1 slot"):
+        select_device("auto", wait_seconds=0)  # the same GPU as the second job
 
 
 def test_lease_off_ignores_a_taken_gpu(lock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -286,8 +376,27 @@ def test_gpu_uuid_is_none_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_visible_entry_names_a_gpu_without_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
-    assert physical_gpu_ids(2, lambda index: [None, UUID_B][index]) == ["2", UUID_B]
+    assert physical_gpu_ids(2, lambda index: [None, UUID_B][index], lambda index: None) == ["2", UUID_B]
     assert slot_lock_path(Path("/locks"), "MIG-GPU/1/2", 3) == Path("/locks/gpu-MIG-GPU_1_2-slot3.lock")
+
+
+def test_gpu_names_prefer_uuid_then_id_entry_then_pci_then_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-7a1c,GPU-55aa,3,4")
+    uuids = [None, UUID_A, None, None]
+    pcis = ["pci-0000-3b-00", "pci-0000-3c-00", "pci-0000-3d-00", None]
+    ids = physical_gpu_ids(4, lambda index: uuids[index], lambda index: pcis[index])
+    assert ids == ["MIG-7a1c", UUID_A, "pci-0000-3d-00", "4"]
+
+
+class FakePciProperties:
+    pci_domain_id, pci_bus_id, pci_device_id = 0, 0x3B, 0
+
+
+def test_gpu_pci_address_formats_torchs_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: FakePciProperties())
+    assert devices.gpu_pci_address(0) == "pci-0000-3b-00"
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: FakeProperties(UUID_A))
+    assert devices.gpu_pci_address(0) is None  # a torch without PCI fields
 
 
 def test_visible_devices_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,8 @@ from carlrar.registry import DATASET_IDS, METHOD_IDS
 # importing that module would load torch for every command, even --help.
 DEVICE_HELP = (
     "auto (a free GPU slot, else the CPU), cpu, cuda or cuda:N; CARLRAR_GPU_SLOTS=N lets N runs share a GPU "
-    "(default 1), CARLRAR_GPU_LEASE=off|on skips|forces the GPU lock (auto: skipped in a SLURM job with one GPU)"
+    "(default 1), CARLRAR_GPU_LEASE=off skips the GPU lock, on shares it across SLURM jobs (auto: a SLURM job's "
+    "jobs take turns on its GPUs, other jobs' locks do not count)"
 )
 
 

@@ -4,34 +4,43 @@ Why leases: Snakemake's ``--resources gpu=2`` only caps how many GPU jobs run at
 ``CUDA_VISIBLE_DEVICES``, so two jobs would both use GPU 0. Each job therefore leases a GPU through an exclusive
 lock file and holds it until the process ends (the OS drops the lock when the process dies, so none go stale).
 
-Why the physical GPU names the lock: a ``CUDA_VISIBLE_DEVICES`` entry is relative to the job. On a SLURM node
-with cgroup device confinement every job sees its own GPU as ``0``; locks named after ``0`` made the second job
-on a node wait for a GPU that nobody else could even see. The GPU's UUID is the same in every job, cgroup and
-container that sees that GPU, so two jobs share a lock exactly when they share the hardware. The entry is the
-fallback only where no UUID can be read.
-
 Why slots: one small run (MiniLM, ALBERT) leaves a large GPU mostly idle. ``CARLRAR_GPU_SLOTS=S`` gives each GPU
 S lock files, so S runs share it; a job takes a slot on the GPU with the most free slots, which spreads jobs
 across GPUs before doubling any up.
 
-Why no lease under a scheduler that isolates devices: a SLURM job that was allocated GPUs sees only devices the
-scheduler gave it, so a lock adds no safety. It can only do harm: with GPU sharding (``--gres=shard``) or MPS
-SLURM places several jobs on one GPU on purpose, and a lock would serialise them; with a job-private ``/tmp``
-the locks are not even shared. Such a job uses ``cuda:0`` without a lock when it sees exactly one GPU. When it
-sees several (e.g. a local ``snakemake --resources gpu=4`` inside one ``salloc --gpus=4``), its own carlrar
-jobs still have to be spread over them, so it leases as on a workstation; UUID keys keep those locks from
-clashing with other SLURM jobs on the node.
+Why the physical GPU names the lock: a ``CUDA_VISIBLE_DEVICES`` entry is relative to the job. On a node with
+cgroup device confinement every job sees its own GPU as ``0``; locks named after ``0`` made the second job on a
+node wait for a GPU that nobody else could even see. A GPU is named, in this order, by its UUID; by a visible
+entry that is itself an id (``GPU-...``, ``MIG-...``); by its PCI address; and only then by the job-relative
+index. The first three are the same in every job, cgroup and container that sees the GPU, so two jobs share a
+lock exactly when they share the hardware.
+
+Why a SLURM job's locks are its own: SLURM keeps separate jobs apart itself (each gets its own GPUs, or shares
+one on purpose through ``--gres=shard`` or MPS, where a common lock would only serialise them). What SLURM does
+not keep apart is several carlrar processes inside one job: a local ``snakemake --profile profiles/gpu`` run
+inside ``salloc --gpus=1``, or a Snakemake group job, starts them all under the same ``SLURM_JOB_ID``. So inside
+a SLURM job that was allocated GPUs every job leases, and its lock names start with that job id: the jobs of one
+allocation take turns by ``gpu_slots`` on its GPUs, and two SLURM jobs never block each other, even where no
+UUID or PCI address can be read and both see their GPU as ``0``. (``profiles/slurm`` submits each Snakemake job
+as its own SLURM job: the lease is then always free and costs one lock file.) An earlier rule skipped the lease
+in a SLURM job that sees one GPU; it let all the jobs of a one-GPU allocation run on ``cuda:0`` at once.
+
+Limits: the index is the last resort; two jobs confined to different GPUs that report no UUID, no id entry and
+no PCI address still block each other where they share a lock scope (two containers given one lock folder, or
+two ``srun`` steps of one SLURM job, each confined to its own GPU): give each its own ``CARLRAR_GPU_LOCK_DIR``
+or set ``CARLRAR_GPU_LEASE=off``. Slots are advisory: they keep carlrar
+runs apart, not other programs, and they do not measure memory; choose S so that S runs fit in one GPU's memory.
 
 Environment:
 
-- ``CARLRAR_GPU_LEASE``: ``auto`` (default: lease unless a SLURM job with one allocated GPU), ``on`` (always
-  lease), ``off`` (never lease: use ``cuda:0``; for other schedulers that isolate devices).
+- ``CARLRAR_GPU_LEASE``: ``auto`` (default: lease; inside a SLURM job that was allocated GPUs the locks are
+  private to that job), ``on`` (lease with host-wide locks even inside a SLURM job: for a cluster that does not
+  keep its jobs' GPUs apart), ``off`` (never lease: use ``cuda:0``; for other schedulers that give each job its
+  own GPU).
 - ``CARLRAR_GPU_SLOTS``: concurrent carlrar runs per GPU, a positive integer (default 1).
 - ``CARLRAR_GPU_LOCK_DIR``: folder of the lock files (default ``<tmp>/carlrar-gpu-locks``); every job on a host
-  must see the same folder, and a local disk is safest (file locks over NFS are unreliable).
-
-Slots are advisory: they keep carlrar runs apart, not other programs, and they do not measure memory; choose S
-so that S runs fit in one GPU's memory.
+  (every job of one SLURM allocation, at the least) must see the same folder, and a local disk is safest (file
+  locks over NFS are unreliable).
 """
 
 from __future__ import annotations
@@ -97,17 +106,38 @@ def gpu_uuid(index: int) -> str | None:
     return uuid if uuid.strip("0-") else None
 
 
-def physical_gpu_ids(count: int, uuid_of: Callable[[int], str | None] | None = None) -> list[str]:
-    """A name per visible device that is the same in every job seeing that GPU: its UUID, else its visible entry."""
-    uuid_of = uuid_of or gpu_uuid
+def gpu_pci_address(index: int) -> str | None:
+    """The PCI address of torch's visible device ``index`` (``pci-<domain>-<bus>-<device>``), or None.
+
+    Host-wide like a UUID (every job and container on the host sees the same address), so it names a GPU whose
+    UUID cannot be read. Module-level and tiny so that tests replace it, as ``gpu_uuid``.
+    """
+    try:
+        props = torch.cuda.get_device_properties(index)
+        return f"pci-{props.pci_domain_id:04x}-{props.pci_bus_id:02x}-{props.pci_device_id:02x}"
+    except (AttributeError, RuntimeError, AssertionError, TypeError, ValueError):
+        return None
+
+
+def physical_gpu_ids(
+    count: int,
+    uuid_of: Callable[[int], str | None] | None = None,
+    pci_of: Callable[[int], str | None] | None = None,
+) -> list[str]:
+    """A name per visible device that is the same in every job seeing that GPU (see the module docstring).
+
+    In order: the UUID; a visible entry that is an id itself (``GPU-...``, ``MIG-...``: MIG instances share a PCI
+    address, so it comes first); the PCI address; the job-relative index as the last resort.
+    """
+    uuid_of, pci_of = uuid_of or gpu_uuid, pci_of or gpu_pci_address
     entries = visible_gpu_ids(count)
     entries += [str(i) for i in range(len(entries), count)]
     ids = []
     for index, entry in enumerate(entries):
-        uuid = uuid_of(index)
-        if uuid is None:
-            log.info("no UUID for cuda:%d; its lock is named after CUDA_VISIBLE_DEVICES entry %r", index, entry)
-        ids.append(uuid or entry)
+        named = uuid_of(index) or (None if entry.isdigit() else entry) or pci_of(index)
+        if named is None:
+            log.info("no UUID or PCI address for cuda:%d; its lock is named after its index %r", index, entry)
+        ids.append(named or entry)
     return ids
 
 
@@ -136,23 +166,39 @@ def slurm_gpu_job(environ: Mapping[str, str] | None = None) -> str | None:
     return job if job and (listed or counted) else None
 
 
-def lease_reason(visible_count: int, environ: Mapping[str, str] | None = None) -> tuple[bool, str]:
-    """Whether to lease a GPU here, and why (logged, so a user can see which rule applied)."""
+@dataclass(frozen=True)
+class LeasePlan:
+    """Whether to lease; ``scope``, the prefix of the lock names ("" host-wide); and why (logged)."""
+
+    lease: bool
+    scope: str
+    reason: str
+
+
+def lease_plan(environ: Mapping[str, str] | None = None) -> LeasePlan:
+    """Lease or not, and whose locks count: the host's, or only those of this SLURM job (module docstring)."""
     mode = lease_mode(environ)
-    if mode != "auto":
-        return mode == "on", f"{LEASE_ENV}={mode}"
+    if mode == "off":
+        return LeasePlan(False, "", f"{LEASE_ENV}=off")
+    if mode == "on":
+        return LeasePlan(True, "", f"{LEASE_ENV}=on: locks shared by every job on the host")
     job = slurm_gpu_job(environ)
     if job is None:
-        return True, "no scheduler isolates the GPUs"
-    if visible_count == 1:
-        return False, f"SLURM job {job} was allocated this GPU"
-    return True, f"SLURM job {job} sees {visible_count} GPUs, which its own jobs share"
+        return LeasePlan(True, "", "no scheduler isolates the GPUs: locks shared by every job on the host")
+    return LeasePlan(True, f"slurm-job{job}", f"locks private to SLURM job {job}, whose own jobs share its GPUs")
 
 
-def slot_lock_path(lock_dir: Path, physical_id: str, slot: int) -> Path:
-    """``gpu-<id>-slot<k>.lock``, with characters a file name should not hold replaced."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", physical_id)
-    return lock_dir / f"gpu-{safe}-slot{slot}.lock"
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _lock_prefix(scope: str) -> str:
+    return f"{_safe(scope)}-gpu-" if scope else "gpu-"
+
+
+def slot_lock_path(lock_dir: Path, physical_id: str, slot: int, scope: str = "") -> Path:
+    """``[<scope>-]gpu-<id>-slot<k>.lock``, with characters a file name should not hold replaced."""
+    return lock_dir / f"{_lock_prefix(scope)}{_safe(physical_id)}-slot{slot}.lock"
 
 
 def short_id(physical_id: str) -> str:
@@ -160,13 +206,15 @@ def short_id(physical_id: str) -> str:
     return physical_id[:8] if len(physical_id) > 12 else physical_id
 
 
-def _grab_free_slots(physical_ids: list[str], lock_dir: Path, slots: int) -> list[list[tuple[int, FileLock]]]:
+def _grab_free_slots(
+    physical_ids: list[str], lock_dir: Path, slots: int, scope: str
+) -> list[list[tuple[int, FileLock]]]:
     """Acquire every free slot (briefly): the locks themselves are the only true count of free slots."""
     held: list[list[tuple[int, FileLock]]] = []
     for physical in physical_ids:
         mine = []
         for slot in range(slots):
-            lock = FileLock(str(slot_lock_path(lock_dir, physical, slot)))
+            lock = FileLock(str(slot_lock_path(lock_dir, physical, slot, scope)))
             try:
                 lock.acquire(timeout=0)
             except Timeout:
@@ -176,28 +224,34 @@ def _grab_free_slots(physical_ids: list[str], lock_dir: Path, slots: int) -> lis
     return held
 
 
-def _busy_message(physical_ids: list[str], lock_dir: Path, slots: int, wait_seconds: float) -> str:
+def _busy_message(physical_ids: list[str], lock_dir: Path, slots: int, wait_seconds: float, scope: str) -> str:
     gpus = ", ".join(f"cuda:{i}={short_id(p)}" for i, p in enumerate(physical_ids))
     return (
-        f"all {slots} slot(s) of each visible GPU ({gpus}) are leased by other carlrar jobs (locks in {lock_dir}; "
-        f"waited {wait_seconds:g} s); lower --resources gpu=N, raise {SLOTS_ENV} (now {slots}) to share a GPU, "
-        f"or set {LEASE_ENV}=off where a scheduler already gives each job its own GPU"
+        f"all {slots} slot(s) of each visible GPU ({gpus}) are leased by other carlrar jobs (locks "
+        f"{_lock_prefix(scope)}* in {lock_dir}; waited {wait_seconds:g} s); lower --resources gpu=N, raise "
+        f"{SLOTS_ENV} (now {slots}) to share a GPU, or set {LEASE_ENV}=off where a scheduler already gives each "
+        "job its own GPU"
     )
 
 
 def lease_gpu(
-    physical_ids: list[str], lock_dir: str | Path, wait_seconds: float = 0.0, poll: float = 2.0, slots: int = 1
+    physical_ids: list[str],
+    lock_dir: str | Path,
+    wait_seconds: float = 0.0,
+    poll: float = 2.0,
+    slots: int = 1,
+    scope: str = "",
 ) -> GpuLease:
     """Take a free slot on the GPU with the most free slots (lowest index on ties); wait up to ``wait_seconds``.
 
-    Free slots are counted by acquiring them, then all but the chosen one are released: a count from probing
-    and releasing could be stale by the time the slot is taken.
+    Only locks of the same ``scope`` compete. Free slots are counted by acquiring them, then all but the chosen
+    one are released: a count from probing and releasing could be stale by the time the slot is taken.
     """
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_seconds
     while True:
-        held = _grab_free_slots(physical_ids, lock_dir, slots)
+        held = _grab_free_slots(physical_ids, lock_dir, slots, scope)
         if any(held):
             index = max(range(len(held)), key=lambda i: (len(held[i]), -i))
             slot, lock = held[index][0]
@@ -206,7 +260,7 @@ def lease_gpu(
                     other.release()
             return GpuLease(index=index, physical_id=physical_ids[index], slot=slot, lock=lock)
         if time.monotonic() >= deadline:
-            raise CarlrarError(_busy_message(physical_ids, lock_dir, slots, wait_seconds))
+            raise CarlrarError(_busy_message(physical_ids, lock_dir, slots, wait_seconds, scope))
         time.sleep(poll)
 
 
@@ -226,20 +280,20 @@ def select_device(requested: str = "auto", wait_seconds: float = 3600.0) -> tupl
     if not torch.cuda.is_available():
         raise CarlrarError("device 'cuda' requested but torch sees no GPU (check the CUDA build of torch)")
     slots = gpu_slots()
-    count = torch.cuda.device_count()
-    lease_it, reason = lease_reason(count)
-    if not lease_it:
-        log.info("using cuda:0 without a GPU lease: %s", reason)
+    plan = lease_plan()
+    if not plan.lease:
+        log.info("using cuda:0 without a GPU lease: %s", plan.reason)
         return torch.device("cuda:0"), None
     lock_dir = default_lock_dir()
-    lease = lease_gpu(physical_gpu_ids(count), lock_dir, wait_seconds, slots=slots)
+    ids = physical_gpu_ids(torch.cuda.device_count())
+    lease = lease_gpu(ids, lock_dir, wait_seconds, slots=slots, scope=plan.scope)
     log.info(
         "leased GPU %s slot %d of %d as cuda:%d (%s; locks in %s)",
         lease.physical_id,
         lease.slot,
         slots,
         lease.index,
-        reason,
+        plan.reason,
         lock_dir,
     )
     return torch.device(f"cuda:{lease.index}"), lease

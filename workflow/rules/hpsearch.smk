@@ -2,7 +2,7 @@
 # One training run per (dataset, trial, seed) of the config's hpsearch grid, each trial's values handed to
 # `carlrar train` with --set; then `carlrar hpsearch-select` picks the best trial per dataset on mean dev accuracy
 # and writes results/<run>/hpsearch/{<dataset>/best.yaml, freelb_best.yaml, trials.md, trials.csv}. To use the
-# choice: snakemake --configfile results/<run>/hpsearch/freelb_best.yaml (merged into config/config.yaml).
+# choice: `snakemake --configfile results/<run>/hpsearch/freelb_best.yaml` (merged into config/config.yaml).
 # Only the coarse grid of the paper's search is automated; its manual fine-tuning is a narrower grid of your own.
 # The grid, trial ids, overrides and fingerprint are built in common.smk.
 

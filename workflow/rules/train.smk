@@ -1,6 +1,6 @@
 # Training: one job per (dataset, method, seed) of the config grid; each writes its run folder with metrics.json.
 # Device selection (which GPU, or the CPU) happens inside `carlrar train`: on a local machine each GPU job leases
-# one of CARLRAR_GPU_SLOTS slots of a free GPU (resources gpu_slots); under SLURM the job's own GPU is used.
+# one of CARLRAR_GPU_SLOTS slots of a free GPU (resources gpu_slots); inside a SLURM job, a slot of that job's GPUs.
 # `gpu=1` lets Snakemake cap the GPU jobs of one machine (`--resources gpu=N`) or request a GPU per SLURM job.
 # Memory and runtime below are defaults for a paper-size ALBERT-base run; profiles override them (set-resources).
 
