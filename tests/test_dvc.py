@@ -111,7 +111,7 @@ def test_committed_params_agree_with_the_config_they_name(monkeypatch: pytest.Mo
 def test_dvc_yaml_tracks_folders_and_keeps_checkpoints() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     assert list(stages) == ["fingerprints", "prepare", "workflow", "summary"]
-    assert stages["prepare"]["outs"][0] == "data/processed/${run.name}"
+    assert stages["prepare"]["outs"][0] == {"data/processed/${run.name}": {"persist": True}}
     # the workflow reads the splits' content hashes and the jobs' params, never the package's files (comments)
     assert "src/carlrar" not in stages["workflow"]["deps"] and "src/carlrar" in stages["fingerprints"]["deps"]
     assert "data/processed/${run.name}.splits_sha256.json" in stages["workflow"]["deps"]
@@ -211,11 +211,12 @@ def test_stage_helper_runs_exactly_the_named_config(tmp_path: Path) -> None:
     """--replace-workflow-config: the run is the named file alone, never merged into config/config.yaml."""
     folder = stage_folder(tmp_path)
     add_raw_files(folder / "data/raw", "sst2/train.tsv", "sst2/dev.tsv")
-    result = stage_helper(folder, "snakemake", "-n")
+    result = stage_helper(folder, "snakemake", "-n", "all")
     assert result.returncode == 0, result.stderr
+    # the target before --config, which takes several values and would swallow it
     assert (
-        "snakemake called: --profile profiles/quick --configfile config/smoke.yaml --replace-workflow-config"
-        " --config raw_dir=data/raw -n"
+        "snakemake called: --profile profiles/quick -n all --configfile config/smoke.yaml --replace-workflow-config"
+        " --config raw_dir=data/raw"
     ) in result.stdout
 
 

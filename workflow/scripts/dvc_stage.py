@@ -109,11 +109,12 @@ def run_snakemake(extra: list[str]) -> int:
     command = ["snakemake"]
     if machine.get("profile") and not os.environ.get("SNAKEMAKE_PROFILE"):
         command += ["--profile", str(machine["profile"])]
-    # --replace-workflow-config: the run is exactly the named file, not that file merged into config/config.yaml
-    command += ["--configfile", str(run["config"]), "--replace-workflow-config"]
-    command += ["--config", f"raw_dir={run['raw_dir']}"]
     command += shlex.split(str(machine.get("args") or ""))
     command += extra
+    # --replace-workflow-config: the run is exactly the named file, not that file merged into config/config.yaml.
+    # --config last: it takes several values, so a target after it would be read as one.
+    command += ["--configfile", str(run["config"]), "--replace-workflow-config"]
+    command += ["--config", f"raw_dir={run['raw_dir']}"]
     print("+", shlex.join(command), flush=True)
     return subprocess.call(command)
 
