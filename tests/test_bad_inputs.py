@@ -7,9 +7,12 @@ two broken model folders; each case copies it, breaks one thing, runs one comman
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,6 +65,9 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert main([*prepare_args(ws, out=f"data/{name}"), *extra]) == 0
     for method in ("base", "rar"):
         assert main(train_args(ws, method=method, out=f"runs/{method}")) == 0
+    assert main(prepare_args(ws, "ag_news", out="data/ag_news")) == 0
+    ag_news = train_args(ws, out="runs/ag_news", data="data/ag_news")
+    assert main([*ag_news[:4], "ag_news", *ag_news[5:]]) == 0
     source = Path(resolve_source("minilm-l6"))
     for name in ("noweights", "truncated"):
         shutil.copytree(source, ws / "models" / name, ignore=shutil.ignore_patterns("model.safetensors", "1_*"))
@@ -132,9 +138,23 @@ def truncate(path: Path) -> None:
 
 
 def with_nan_weight(run: Path) -> None:
+    """As if training had ended in a NaN weight: the run's metrics.json records the hash of these weights."""
     weights = load_file(str(run / "best/weights.safetensors"))
     weights["model.classifier.weight"][0, 0] = float("nan")
     save_file(weights, str(run / "best/weights.safetensors"))
+    digest = hashlib.sha256((run / "best/weights.safetensors").read_bytes()).hexdigest()
+    edit_json(run / "metrics.json", lambda m: m.update(best_weights_sha256=digest))
+
+
+def users_run_like_folder(ws: Path) -> None:
+    for name in ("best", "checkpoint"):
+        (ws / "mine" / name).mkdir(parents=True)
+        (ws / "mine" / name / "notes.txt").write_text("the user's own file\n")
+
+
+def with_best_of(run: Path, other: Path) -> None:
+    shutil.rmtree(run / "best")
+    shutil.copytree(other / "best", run / "best")
 
 
 def edited_split(data: Path, split: str) -> None:
@@ -228,6 +248,28 @@ CATALOGUE: dict[str, tuple[Case, str]] = {
     "train --seed 2**32": (lambda ws: train_args(ws, seed=str(2**32)), r"must be <= 4294967295"),
     "train --seed not a number": (lambda ws: train_args(ws, seed="one"), r"'one' is not an integer"),
     "train --out is a file": (lambda ws: train_args(ws, out="notes.txt"), r"notes.txt exists and is not a folder"),
+    "train --out is a folder of the user's files": (
+        lambda ws: train_args(ws, out="models"),
+        r"models holds files that no carlrar run wrote \(noweights, truncated\); give --out a new or empty folder",
+    ),
+    "train --restart on best/ and checkpoint/ of the user's": (
+        mutate(users_run_like_folder, lambda ws: train_args(ws, "--restart", out="mine")),
+        r"mine holds files that no carlrar run wrote \(best, checkpoint\)",
+    ),
+    "train --data of another dataset": (
+        lambda ws: train_args(ws, data="data/ag_news"),
+        r"holds the prepared ag_news data, not sst2",
+    ),
+    "finished run without its checkpoint or predictions": (
+        mutate(
+            lambda ws: [
+                shutil.rmtree(ws / "runs/base/checkpoint"),
+                (ws / "runs/base/eval_predictions.parquet").unlink(),
+            ],
+            lambda ws: train_args(ws, out="runs/base"),
+        ),
+        r"holds this run's metrics.json but neither its checkpoint nor all its results; rerun with --restart",
+    ),
     # --- prepared data
     "manifest that is not JSON": (
         mutate(lambda ws: (ws / "data/sst2/manifest.json").write_text("{"), train_args),
@@ -256,12 +298,12 @@ CATALOGUE: dict[str, tuple[Case, str]] = {
     # --- the run folder's checkpoint and results
     "checkpoint of another learning rate": (
         lambda ws: train_args(ws, "--set", f"{LR}=0.001", out="runs/base"),
-        r"holds another run: its checkpoint belongs to another run \(training.learning_rate 0.003 -> 0.001\); "
+        r"holds another run: its checkpoint belongs to another run \(settings.training.learning_rate 0.003 -> 0.001\); "
         r"rerun with --restart",
     ),
     "checkpoint of another method": (
         lambda ws: train_args(ws, method="freelb", out="runs/base"),
-        r"its checkpoint belongs to another run \(method base -> freelb\)",
+        r"its checkpoint belongs to another run \(method base -> freelb",
     ),
     "checkpoint of another data sample": (
         lambda ws: train_args(ws, out="runs/base", data="data/sst2_other"),
@@ -297,7 +339,7 @@ CATALOGUE: dict[str, tuple[Case, str]] = {
             lambda ws: shutil.rmtree(ws / "runs/base/checkpoint"),
             lambda ws: train_args(ws, "--set", f"{LR}=0.001", out="runs/base"),
         ),
-        r"its metrics.json belongs to another run \(training.learning_rate",
+        r"its metrics.json belongs to another run \(settings.training.learning_rate",
     ),
     # --- models and warm-ups
     "model folder without weights": (
@@ -361,7 +403,7 @@ CATALOGUE: dict[str, tuple[Case, str]] = {
     ),
     "attack truncated best weights": (
         mutate(lambda ws: truncate(ws / "runs/base/best/weights.safetensors"), attack_args),
-        r"weights.safetensors is unreadable .*train the run again",
+        r"weights.safetensors is not the weights the run's metrics.json describes .*train the run again",
     ),
     "attack NaN best weights": (
         mutate(lambda ws: with_nan_weight(ws / "runs/base"), attack_args),
@@ -384,7 +426,30 @@ CATALOGUE: dict[str, tuple[Case, str]] = {
         lambda ws: [*attack_args(ws)[:6], f"{ws}/notes.txt", *attack_args(ws)[7:]],
         r"notes.txt exists and is not a folder",
     ),
+    "attack a run whose best/ holds another run's model": (
+        mutate(lambda ws: with_best_of(ws / "runs/base", ws / "runs/ag_news"), attack_args),
+        r"best/weights.safetensors is not the weights the run's metrics.json describes",
+    ),
+    "attack a run whose metrics.json lost its data hashes": (
+        mutate(
+            lambda ws: edit_json(ws / "runs/base/metrics.json", lambda m: m.pop("data")),
+            lambda ws: attack_args(ws, data="data/sst2_other"),
+        ),
+        r"was evaluated on another dev sample",
+    ),
+    "attack --out inside the run folder": (
+        lambda ws: [*attack_args(ws)[:6], f"{ws}/runs/base/attack", *attack_args(ws)[7:]],
+        r"runs/base/attack is inside a training run's folder; give it a path of its own",
+    ),
+    "attack --out is a folder of the user's files": (
+        lambda ws: [*attack_args(ws)[:6], f"{ws}/models", *attack_args(ws)[7:]],
+        r"models holds files but no summary.json",
+    ),
     # --- samples
+    "samples --out onto a run's metrics.json": (
+        lambda ws: samples_args(ws, out="runs/base/metrics.json"),
+        r"runs/base/metrics.json is inside a training run's folder; give it a path of its own",
+    ),
     "samples --epsilon 0": (lambda ws: samples_args(ws, "--epsilon", "0"), r"--epsilon: 0 must be > 0"),
     "samples from a run without reconstructor": (lambda ws: samples_args(ws, run="runs/base"), r"has no reconstructor"),
     "samples --out is a folder": (
@@ -446,3 +511,32 @@ def test_a_diverging_run_stops_in_one_line_keeping_its_last_good_checkpoint(
     assert not (run / "metrics.json").exists() and not (run / "best").exists()
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
     assert all(torch.isfinite(v).all() for v in load_file(str(run / "checkpoint/state.safetensors")).values())
+
+
+def test_a_second_process_on_a_run_folder_is_refused_naming_the_holder(
+    ws: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real second process holds the folder's lock (as a running `carlrar train` does); train refuses at once."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(ws / "runs/new")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(ws)
+        code, err = run_cli(train_args(ws), capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert re.search(rf"runs/new is in use by \S+ pid {holder.pid} .*wait for it to finish", err), err
+        assert snapshot(ws) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(train_args(ws)) == 0  # the OS dropped the killed holder's lock
+
+
+HOLD_LOCK = """
+import sys, time
+from carlrar.storage import exclusive
+with exclusive(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""

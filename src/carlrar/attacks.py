@@ -37,10 +37,11 @@ from carlrar.checkpoints import TrainedRun, load_trained_run
 from carlrar.config import AnalysisConfig, bound_problem
 from carlrar.devices import leased_device
 from carlrar.errors import CarlrarError
+from carlrar.identity import METRICS_FILE
 from carlrar.models import TextClassifier
 from carlrar.prepared import read_manifest, read_split
 from carlrar.reconstruction import decode_argmax
-from carlrar.storage import atomic_path, check_output_dir, check_output_file, recover_swaps, write_json
+from carlrar.storage import atomic_dir, atomic_path, check_output_dir, check_output_file, exclusive, write_json
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +203,25 @@ def _max_length(metrics: dict[str, Any], manifest: dict[str, Any]) -> int:
     return int(length)
 
 
+SUMMARY_FILE = "summary.json"
+
+
+def _check_not_a_run(out: Path, run_dir: Path) -> None:
+    """Refuse an output that is a training run's folder or inside one: it would replace the run's files."""
+    out, run_dir = out.resolve(), run_dir.resolve()
+    inside = out == run_dir or run_dir in out.parents
+    if inside or (out / METRICS_FILE).is_file() or (out.parent / METRICS_FILE).is_file():
+        raise CarlrarError(
+            f"--out {out} is inside a training run's folder; give it a path of its own (nothing was changed)"
+        )
+
+
 def _check_data(metrics: dict[str, Any], manifest: dict[str, Any], data_dir: Path, split: str, run_dir: Path) -> None:
     """Refuse to attack a run on another dataset or another sample of its evaluated split than it was evaluated on."""
     if metrics.get("dataset") and metrics["dataset"] != manifest["dataset"]:
         raise CarlrarError(f"the run was trained on {metrics['dataset']} but {data_dir} holds {manifest['dataset']}")
-    trained = ((metrics.get("data") or {}).get("splits") or {}).get(split)
+    recorded = (metrics.get("data") or {}).get("splits") or (metrics.get("run_identity") or {}).get("data_sha256")
+    trained = (recorded or {}).get(split)
     prepared = manifest["splits"][split]["sha256"]
     if trained is None:
         log.warning(
@@ -395,10 +410,12 @@ def attack_split(
     settings = _Settings(steps, step_size_ratio, batch_size, seed)
     settings.check([("epsilon", "analysis.epsilons[]", e) for e in epsilons])
     run_dir, data_dir, out_dir = Path(run_dir), Path(data_dir), Path(out_dir)
-    check_output_dir(out_dir)
-    recover_swaps(out_dir)
+    _check_not_a_run(out_dir, run_dir)
+    check_output_dir(out_dir, replaces=SUMMARY_FILE)  # a folder of other files is the user's, not an attack's
     manifest = read_manifest(data_dir)
-    with leased_device(device) as dev:
+    # One process per output; the records and the summary are swapped in together, so a kill leaves the old
+    # complete set or the new one, never a summary beside records of another attack.
+    with exclusive(out_dir), leased_device(device) as dev, atomic_dir(out_dir) as tmp:
         target = _load_target(run_dir, data_dir, manifest, dev)
         amp_dtype = target.amp_dtype
         summary: dict[str, Any] = {
@@ -414,7 +431,7 @@ def attack_split(
         for epsilon in epsilons:
             records = _attack_records(target, epsilon, settings)
             _check_finite_records(records, epsilon, amp_dtype)
-            _write_parquet(records, records_path(out_dir, epsilon))
+            _write_parquet(records, records_path(tmp, epsilon))
             entry = {
                 "epsilon": epsilon,
                 "step_size": step_size_ratio * epsilon,
@@ -431,8 +448,8 @@ def attack_split(
                 entry["mean_cosine"],
                 entry["mean_euclidean"],
             )
-        write_json(out_dir / "summary.json", summary)
-        return summary
+        write_json(tmp / SUMMARY_FILE, summary)
+    return summary
 
 
 # --- text-form adversarial samples (Table 6) ----------------------------------------------------------------
@@ -537,11 +554,13 @@ def text_samples(
     """
     settings = _Settings(steps, step_size_ratio, batch_size, seed)
     settings.check([("epsilon", "analysis.samples_epsilon", epsilon)])
-    data_dir = Path(data_dir)
+    data_dir, out_path = Path(data_dir), Path(out_path)
+    for run in (Path(rar_run_dir), Path(base_run_dir)):
+        _check_not_a_run(out_path, run)
     check_output_file(out_path)
     manifest = read_manifest(data_dir)
     split = manifest["evaluation_split"]
-    with leased_device(device) as dev:
+    with exclusive(out_path), leased_device(device) as dev:
         target = _load_target(Path(rar_run_dir), data_dir, manifest, dev)
         rar = target.run
         if rar.reconstructor is None:

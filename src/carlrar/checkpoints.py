@@ -25,7 +25,7 @@ from carlrar.models import TextClassifier, load_model
 from carlrar.reconstruction import (
     build_reconstructor,
 )
-from carlrar.storage import atomic_dir, atomic_path, read_json
+from carlrar.storage import atomic_dir, atomic_path, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,18 @@ def read_best_weights(path: Path) -> dict[str, Tensor]:
     return weights
 
 
+def _check_best_is_the_runs(weights_path: Path, metrics: Any) -> None:
+    """Refuse weights other than those the run's metrics.json describes (a replaced or edited best/)."""
+    recorded = metrics.get("best_weights_sha256") if isinstance(metrics, dict) else None
+    if recorded is None:
+        log.warning("%s records no hash of its best weights: cannot check they are the run's", weights_path.parent)
+    elif sha256_file(weights_path) != recorded:
+        raise CarlrarError(
+            f"{weights_path} is not the weights the run's metrics.json describes (its sha256 differs): best/ was "
+            f"replaced or changed after training; {RETRAIN_ADVICE}"
+        )
+
+
 def load_trained_run(run_dir: str | Path, device: torch.device | str = "cpu") -> TrainedRun:
     """Rebuild the model (and RAR's reconstructor, if the run has one) from ``run_dir/best`` in eval mode.
 
@@ -183,11 +195,12 @@ def load_trained_run(run_dir: str | Path, device: torch.device | str = "cpu") ->
         raise CarlrarError(f"{run_dir} is not a finished training run (no best/weights.safetensors or metrics.json)")
     if not (best / "config.json").is_file():
         raise CarlrarError(f"{best} lacks config.json (the architecture of its weights); {RETRAIN_ADVICE}")
-    weights = read_best_weights(best / "weights.safetensors")
     try:
         metrics = read_json(metrics_path, "the run's metrics.json")
     except CarlrarError as exc:
         raise CarlrarError(f"{exc}; {RETRAIN_ADVICE}") from None
+    _check_best_is_the_runs(best / "weights.safetensors", metrics)
+    weights = read_best_weights(best / "weights.safetensors")
     try:
         pooling = metrics["config"]["model"].get("pooling", "pooler")
     except (KeyError, TypeError, AttributeError):

@@ -27,7 +27,7 @@ from carlrar import __version__
 from carlrar.config import Config
 from carlrar.errors import CarlrarError, first_line
 from carlrar.fingerprints import code_fingerprint, digest, method_settings
-from carlrar.storage import recover_swaps
+from carlrar.storage import recover_swaps, write_text
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ METRICS_FILE, PREDICTIONS_FILE = "metrics.json", "eval_predictions.parquet"
 # Removed in this order, so that a kill part-way never leaves results without the files that vouch for them:
 # metrics.json first (the mark of a finished run), the checkpoint last (the record of whose files these are).
 RESULT_NAMES = (METRICS_FILE, PREDICTIONS_FILE, BEST_DIR, CHECKPOINT_DIR)
+# Written when a fresh run starts: the proof that the folder is carlrar's, without which nothing in it is removed.
+OWNER_FILE = "carlrar-run.txt"
 
 
 def run_identity(
@@ -123,25 +125,42 @@ def _recorded_identity(path: Path, what: str) -> dict[str, Any] | None:
     return identity if isinstance(identity, dict) else {}
 
 
-def prepare_run_folder(run_dir: Path, identity: dict[str, Any], restart: Restart = "never") -> bool:
-    """Decide, before any training, whether ``run_dir`` is resumed; discard or refuse another run's files.
+Start = Literal["fresh", "resume", "finished"]
 
-    Returns True when the folder's checkpoint belongs to this run and is resumed. A checkpoint or metrics.json
-    of another identity is refused (nothing is touched) unless ``restart`` is "always" or "if-changed"; then
-    the other run's results and checkpoint are removed. A fresh start also removes leftovers of a killed start
-    (best/ or predictions without a checkpoint), so every file in the folder comes from this run.
+
+def _owned(run_dir: Path, recorded: dict[str, dict[str, Any] | None]) -> None:
+    """Refuse a folder that holds files carlrar cannot prove it wrote (no owner mark, no run record)."""
+    if not run_dir.is_dir() or (run_dir / OWNER_FILE).is_file() or any(r is not None for r in recorded.values()):
+        return
+    entries = sorted(p.name for p in run_dir.iterdir())
+    if entries:
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise CarlrarError(
+            f"{run_dir} holds files that no carlrar run wrote ({shown}); give --out a new or empty folder "
+            "(nothing was changed)"
+        )
+
+
+def prepare_run_folder(run_dir: Path, identity: dict[str, Any], restart: Restart = "never") -> Start:
+    """Decide, before any training, how ``run_dir`` starts: "fresh", "resume" (its checkpoint is this run's) or
+    "finished" (this run's results are complete though its checkpoint was removed: nothing to train).
+
+    A folder is this run's to change only if carlrar made it (its owner mark, or a run record from before the
+    mark): any other non-empty folder is refused untouched, whatever ``restart`` says. A checkpoint or metrics.json
+    of another identity is refused unless ``restart`` is "always" or "if-changed"; then the other run's results
+    and checkpoint are removed (only the names a run writes: nothing else in the folder is touched). Discarding
+    this run's own finished results needs ``restart`` "always".
     """
     if restart not in ("never", "if-changed", "always"):
         raise ValueError(f"restart must be never, if-changed or always, not {restart!r}")
     recover_swaps(run_dir)  # a checkpoint swap a kill interrupted is finished before the checkpoint is read
-    checkpoint_state = run_dir / CHECKPOINT_DIR / "state.json"
-    if restart == "always":
-        _discard(run_dir, "--restart")
-        return False
     recorded = {
-        "checkpoint": _recorded_identity(checkpoint_state, "the checkpoint"),
+        "checkpoint": _recorded_identity(run_dir / CHECKPOINT_DIR / "state.json", "the checkpoint"),
         "metrics": _recorded_identity(run_dir / METRICS_FILE, "the results file"),
     }
+    _owned(run_dir, recorded)
+    if restart == "always":
+        return _fresh(run_dir, "--restart")
     others = {where: found for where, found in recorded.items() if found is not None and found != identity}
     if others:
         where, found = next(iter(others.items()))
@@ -152,12 +171,28 @@ def prepare_run_folder(run_dir: Path, identity: dict[str, Any], restart: Restart
             reason = f"{what} belongs to another run ({describe_difference(found, identity)})"
         if restart == "never":
             raise CarlrarError(f"{run_dir} holds another run: {reason}; {RESTART_ADVICE}")
-        _discard(run_dir, reason)
-        return False
+        return _fresh(run_dir, reason)
     if recorded["checkpoint"] is not None:
-        return True
-    _discard(run_dir, "no checkpoint of this run to resume")
-    return False
+        return "resume"
+    if recorded["metrics"] is not None:
+        if (run_dir / BEST_DIR).is_dir() and (run_dir / PREDICTIONS_FILE).is_file():
+            return "finished"
+        raise CarlrarError(
+            f"{run_dir} holds this run's metrics.json but neither its checkpoint nor all its results; "
+            "rerun with --restart to train it again (its metrics.json is then removed)"
+        )
+    return _fresh(run_dir, "no checkpoint of this run to resume")
+
+
+def _fresh(run_dir: Path, reason: str) -> Start:
+    _discard(run_dir, reason)
+    return "fresh"
+
+
+def claim_run_folder(run_dir: Path) -> None:
+    """Mark ``run_dir`` as a carlrar run's before its first file is written (a refused start writes nothing)."""
+    if not (run_dir / OWNER_FILE).is_file():
+        write_text(run_dir / OWNER_FILE, "A carlrar training run's folder: carlrar removes only what it writes.\n")
 
 
 def _discard(run_dir: Path, reason: str) -> None:

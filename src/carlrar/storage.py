@@ -9,12 +9,16 @@ every write of the same target and when a command starts), so a kill never loses
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,3 +182,53 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def lock_path(output: str | Path) -> Path:
+    """The lock file of an output folder or file: a hidden sibling, so that swapping the output keeps it."""
+    output = Path(output)
+    return output.parent / f".{output.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive(output: str | Path, option: str = "--out") -> Iterator[None]:
+    """Hold an exclusive lock on ``output`` (an output folder or file) while the block runs.
+
+    A second carlrar process on the same output fails at once with one line naming the holder (host, pid and
+    command, which the holder writes into the lock file). The OS drops the lock when its process ends, however it
+    ends, so a killed run leaves no stale lock, only the small file; a process that ends normally removes it.
+    """
+    path = lock_path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _locked(path, output, option)
+    try:
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]])
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()} ({command})".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still locked: a process that opened it now fails, and one after makes anew
+        os.close(fd)
+
+
+def _locked(path: Path, output: str | Path, option: str) -> int:
+    """A descriptor of ``path`` holding its lock; the file it locked is still the one at ``path``."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise CarlrarError(
+                f"{output} is in use by {holder}; wait for it to finish, or give {option} another path "
+                "(nothing was changed)"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file as we locked it: lock the one now there

@@ -9,6 +9,7 @@ restarted with the same command continues where it stopped and ends with the sam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -50,9 +51,11 @@ from carlrar.devices import select_device
 from carlrar.distributed import Collective, init_collective
 from carlrar.errors import CarlrarError, TrainingDiverged, first_line
 from carlrar.identity import (
+    METRICS_FILE,
     PREDICTIONS_FILE,
     RESTART_ADVICE,
     Restart,
+    claim_run_folder,
     fingerprint,
     library_versions,
     prepare_run_folder,
@@ -65,7 +68,7 @@ from carlrar.rar_warmup import start_reconstructor, warm_up_reconstructor, warmu
 from carlrar.reconstruction import (
     token_accuracy,
 )
-from carlrar.storage import atomic_dir, check_output_dir, sha256_file, write_json
+from carlrar.storage import atomic_dir, check_output_dir, exclusive, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -182,22 +185,47 @@ def train(
 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     check_output_dir(run_dir)
+    # One process per run folder: a second one on the same --out fails at once, naming the holder.
+    with exclusive(run_dir) if _is_rank_zero() else contextlib.nullcontext():
+        return _train_in(config, dataset, method_name, seed, data_dir, run_dir, device_request, rar_warmup, restart)
+
+
+def _train_in(
+    config: Config,
+    dataset: str,
+    method_name: str,
+    seed: int,
+    data_dir: Path,
+    run_dir: Path,
+    device_request: str,
+    rar_warmup: str | Path | None,
+    restart: Restart,
+) -> TrainResult:
+    """train() once it holds the run folder: check the data, settle the folder, then train or resume."""
     manifest = read_manifest(data_dir)
+    if manifest["dataset"] != dataset:
+        raise CarlrarError(
+            f"--data {data_dir} holds the prepared {manifest['dataset']} data, not {dataset}; "
+            f"give --data the folder `carlrar prepare --dataset {dataset}` wrote (nothing was changed)"
+        )
     frames = {split: read_split(data_dir, split, manifest) for split in SPLITS}  # verified before anything is touched
     source = warmup_source(method_name, config, manifest, rar_warmup)
     data_sha256 = {split: info["sha256"] for split, info in manifest["splits"].items()}
     identity = run_identity(config, dataset, method_name, seed, data_sha256, source)
     # Rank 0 settles the folder before the process group forms; the other ranks wait for it in init_collective.
-    resume = prepare_run_folder(run_dir, identity, restart) if _is_rank_zero() else None
+    start = prepare_run_folder(run_dir, identity, restart) if _is_rank_zero() else None
+    if start == "finished":
+        log.info("%s is finished (its results match this run; its checkpoint was removed): nothing to train", run_dir)
+        return TrainResult(json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8")), run_dir)
     if source == "own":
         # No shared warm-up given (the workflow gives one per dataset): make this run's own, before the run's seed
         # is set, so the result equals a run started from a shared warm-up.
         rar_warmup = run_dir / "rar_warmup"
         if _is_rank_zero() and not warmup_fits(rar_warmup, config, manifest):  # other ranks wait in init_collective
+            claim_run_folder(run_dir)
             warm_up_reconstructor(config, dataset, data_dir, rar_warmup, device_request)
     collective, rank_device = init_collective(device_request)
-    if resume is None:
-        resume = (run_dir / "checkpoint" / "state.json").is_file()
+    resume = start == "resume" if start is not None else (run_dir / "checkpoint" / "state.json").is_file()
     device, lease = (rank_device, None) if rank_device is not None else select_device(device_request)
     try:
         run = _set_up(
@@ -260,6 +288,7 @@ class _Run:
         rng = {str(r): state for r, state in enumerate(self.collective.gather_objects(rng_state(self.device)))}
         if self.collective.is_main:
             check_finite_weights(self.modules, f"step {self.progress.step}", self.last_checkpoint)
+            claim_run_folder(self.run_dir)
             self.last_checkpoint = self.progress.step
             state = {
                 "modules": {name: module_state(module) for name, module in self.modules.items()},
@@ -271,6 +300,7 @@ class _Run:
 
     def save_best(self) -> None:
         check_finite_weights(self.modules, f"step {self.progress.step}", self.last_checkpoint)
+        claim_run_folder(self.run_dir)
         with atomic_dir(self.run_dir / "best") as tmp:
             save_file(
                 {
@@ -490,6 +520,8 @@ def _finish(run: _Run, manifest: dict[str, Any], data_dir: Path, reconstruction:
         "world_size": run.collective.world_size,
         "history": progress.history,
         "predictions": PREDICTIONS_FILE,
+        # what attacks check before they trust best/: the weights these metrics describe
+        "best_weights_sha256": sha256_file(run.run_dir / "best" / "weights.safetensors"),
         "reconstruction_dev_token_accuracy": reconstruction or None,
         "config": {
             "model": run.config.model,
