@@ -165,3 +165,18 @@ def test_run_identity_holds_the_methods_settings_and_code(monkeypatch) -> None:
     assert identity.differing_keys(carl, ident(edited, "carl")) == ["settings.parts.carl.training.temperature"]
     monkeypatch.setattr(identity, "code_fingerprint", lambda entry, method: "other code")
     assert identity.differing_keys(base, ident(raw, "base")) == ["code"]
+
+
+def test_a_run_resumed_with_another_thread_count_is_another_run(monkeypatch) -> None:
+    """CPU reductions split sums by thread: a checkpoint made with 2 threads is not resumed with 1."""
+    import torch
+
+    from carlrar import identity
+    from carlrar.config import from_mapping
+
+    config = from_mapping(load_config(ROOT / "config" / "config.yaml").raw)
+    threads = torch.get_num_threads()
+    two = identity.run_identity(config, "sst2", "base", 1, {}, None, "cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
+    other = identity.run_identity(config, "sst2", "base", 1, {}, None, "cpu")
+    assert identity.differing_keys(two, other) == ["arithmetic.cpu_threads"]

@@ -47,7 +47,13 @@ OWNER_FILE = "carlrar-run.txt"
 
 
 def run_identity(
-    config: Config, dataset: str, method: str, seed: int, data_sha256: dict[str, str], rar_warmup: str | None
+    config: Config,
+    dataset: str,
+    method: str,
+    seed: int,
+    data_sha256: dict[str, str],
+    rar_warmup: str | None,
+    device_request: str = "auto",
 ) -> dict[str, Any]:
     """Everything that determines a run's weights and metrics, as a JSON-able mapping.
 
@@ -62,8 +68,21 @@ def run_identity(
         "seed": seed,
         "settings": method_settings(config.raw, dataset, method),
         "code": code_fingerprint(TRAINING_ENTRY, method),
+        "arithmetic": arithmetic(device_request),
         "data_sha256": dict(data_sha256),
         "rar_warmup": rar_warmup,
+    }
+
+
+def arithmetic(device_request: str) -> dict[str, Any]:
+    """What changes a step's floating-point results besides the settings: the device type, the CPU's thread count
+    (its reductions split the sums differently) and torch's version (its kernels). A checkpoint is resumed only
+    under the same, so a run never mixes two computations; moving a finished run elsewhere reruns nothing."""
+    kind = "cuda" if device_request != "cpu" and torch.cuda.is_available() else "cpu"
+    return {
+        "device": kind,
+        "cpu_threads": torch.get_num_threads() if kind == "cpu" else None,
+        "torch": torch.__version__,
     }
 
 
@@ -215,7 +234,7 @@ def _discard(run_dir: Path, reason: str) -> None:
 
 
 def library_versions() -> dict[str, str]:
-    """The versions a run records beside its metrics (the run identity leaves them out: an upgrade is no new run)."""
+    """The versions a run records beside its metrics (its identity holds torch's too: see arithmetic)."""
     import transformers
 
     return {

@@ -211,7 +211,7 @@ def _train_in(
     frames = {split: read_split(data_dir, split, manifest) for split in SPLITS}  # verified before anything is touched
     source = warmup_source(method_name, config, manifest, rar_warmup)
     data_sha256 = {split: info["sha256"] for split, info in manifest["splits"].items()}
-    identity = run_identity(config, dataset, method_name, seed, data_sha256, source)
+    identity = run_identity(config, dataset, method_name, seed, data_sha256, source, device_request)
     # Rank 0 settles the folder before the process group forms; the other ranks wait for it in init_collective.
     start = prepare_run_folder(run_dir, identity, restart) if _is_rank_zero() else None
     if start == "finished":
