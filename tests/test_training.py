@@ -19,6 +19,7 @@ from carlrar.data import prepare_dataset
 from carlrar.errors import CarlrarError, TrainingDiverged
 from carlrar.methods import carl_schedule
 from carlrar.rar_warmup import warm_up_reconstructor
+from carlrar.storage import sha256_file
 from carlrar.training import train
 
 
@@ -360,5 +361,10 @@ def test_a_run_with_non_finite_weights_is_refused(tmp_path: Path, learnable_data
     weights = load_file(str(path))
     weights["model.classifier.weight"][0, 0] = float("nan")
     save_file(weights, str(path))
+    with pytest.raises(CarlrarError, match=r"is not the weights the run's metrics.json describes"):
+        load_trained_run(tmp_path / "run")  # edited after training: refused before its values are read
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())  # as if training had ended so
+    metrics["best_weights_sha256"] = sha256_file(path)
+    (tmp_path / "run/metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(CarlrarError, match=r"non-finite weights \(1 tensors, e.g. model.classifier.weight\)"):
         load_trained_run(tmp_path / "run")
