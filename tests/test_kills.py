@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import time
@@ -95,20 +94,42 @@ def test_train_killed_anywhere_then_rerun_ends_as_an_uninterrupted_run(workspace
         assert not [p.name for p in (workspace / out).iterdir() if p.name.endswith((".tmp", ".old"))]
 
 
+@pytest.fixture(scope="module")
+def finished(workspace: Path) -> Path:
+    """Finished base and rar runs to attack."""
+    for method in ("base", "rar"):
+        _run(workspace, *_train(f"runs/{method}", method))
+    return workspace
+
+
 def _attack(out: str) -> tuple[str, ...]:
     return ("attack", "--run", "runs/base", "--data", "data", "--out", out, "--device", "cpu", "--steps", "2")
 
 
-def test_attack_killed_anywhere_leaves_nothing_or_the_whole_set(workspace: Path) -> None:
-    _run(workspace, *_train("runs/base", "base"))
-    whole = _run(workspace, *_attack("attack_whole"))
-    expected = sorted(p.name for p in (workspace / "attack_whole").iterdir())
-    summary = json.loads((workspace / "attack_whole/summary.json").read_text())["epsilons"]
+def _samples(out: str) -> tuple[str, ...]:
+    return ("samples", "--run", "runs/rar", "--base-run", "runs/base", "--data", "data", "--out", out,
+            "--device", "cpu", "--steps", "2")  # fmt: skip
+
+
+def test_attack_killed_anywhere_leaves_nothing_or_the_whole_set(finished: Path) -> None:
+    whole = _run(finished, *_attack("attack_whole"))
+    expected = sorted(p.name for p in (finished / "attack_whole").iterdir())
+    summary = json.loads((finished / "attack_whole/summary.json").read_text())["epsilons"]
     for moment in random.Random("attack").sample(range(1, 100), KILLS):
-        out = workspace / f"attack_{moment}"
-        _killed_at(workspace, whole * moment / 100, *_attack(out.name))
+        out = finished / f"attack_{moment}"
+        _killed_at(finished, whole * moment / 100, *_attack(out.name))
         assert not out.exists() or sorted(p.name for p in out.iterdir()) == expected  # one unit: all or nothing
-        _run(workspace, *_attack(out.name))
+        _run(finished, *_attack(out.name))
         assert json.loads((out / "summary.json").read_text())["epsilons"] == summary
-        assert not [p.name for p in workspace.iterdir() if p.name.startswith(f".{out.name}.")], "swap litter"
-    shutil.rmtree(workspace / "runs/base")
+        assert not [p.name for p in finished.iterdir() if p.name.startswith(f".{out.name}.")], "swap litter"
+
+
+def test_samples_killed_anywhere_leave_nothing_or_the_whole_report(finished: Path) -> None:
+    whole = _run(finished, *_samples("samples_whole.json"))
+    expected = json.loads((finished / "samples_whole.json").read_text())
+    for moment in random.Random("samples").sample(range(1, 100), KILLS):
+        out = finished / f"samples_{moment}.json"
+        _killed_at(finished, whole * moment / 100, *_samples(out.name))
+        assert not out.exists() or json.loads(out.read_text()) == expected
+        _run(finished, *_samples(out.name))
+        assert json.loads(out.read_text()) == expected
