@@ -62,6 +62,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def resample_count(text: str) -> int:
+    """The argparse type of ``paired-table --resamples``: 1 to carlrar.paired.MAX_RESAMPLES, before any work."""
+    from carlrar.paired import MAX_RESAMPLES  # numpy and pandas: imported only when the option is given
+
+    value = positive_int(text)
+    if value > MAX_RESAMPLES:
+        raise argparse.ArgumentTypeError(f"{text} must be <= {MAX_RESAMPLES} (the replicates are held in memory)")
+    return value
+
+
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from carlrar.config import load_config
     from carlrar.data import prepare_dataset
@@ -335,7 +345,12 @@ def _add_paired_parser(commands: argparse._SubParsersAction) -> None:
         "--summaries", nargs="*", default=[], type=Path, help="summary.json files of 'carlrar attack' (optional)"
     )
     paired.add_argument("--out", required=True, type=Path, help="output prefix, e.g. results/paper/tables/table_paired")
-    paired.add_argument("--resamples", type=positive_int, default=10_000, help="bootstrap resamples B (default: 10000)")
+    paired.add_argument(
+        "--resamples",
+        type=resample_count,
+        default=10_000,
+        help="bootstrap resamples B, at most 1000000 (default: 10000)",
+    )
     paired.add_argument(
         "--seed",
         type=config_number("analysis.seed", int),
