@@ -89,7 +89,7 @@ def _parse_json(text: str) -> Any:
     try:
         data = json.loads(text, object_pairs_hook=_unique_pairs)
     except DuplicateKey as exc:
-        raise ConfigError(f"duplicate key {exc} in a JSON object; keep one of them") from None
+        raise ConfigError(f"duplicate key {exc.args[0]!r} in a JSON object; keep one of them") from None
     check_size(data)
     return data
 
