@@ -267,7 +267,7 @@ CATALOGUE: dict[str, tuple[Case, str]] = {
     ),
     "raw file outside the dataset's raw folder": (
         lambda ws: [*prepare_args(ws), "--set", "datasets.sst2.files.train=../../notes.txt"],
-        r"config key 'datasets.sst2.files.train': '\.\./\.\./notes.txt' is not allowed; .*inside <raw_dir>/<dataset>/",
+        r"config key 'datasets.sst2.files.train': '\.\./\.\./notes.txt' is not allowed; a file name in <raw_dir>/",
     ),
     "absolute raw file among the alternatives": (
         lambda ws: [*prepare_args(ws), "--set", f"datasets.sst2.files.train=[train.tsv, {ws}/notes.txt]"],
@@ -424,6 +424,10 @@ CATALOGUE: dict[str, tuple[Case, str]] = {
     "attack --batch-size 10**9": (
         lambda ws: attack_args(ws, "--batch-size", "1000000000"),
         r"--batch-size: 1000000000 must be <= 65536",
+    ),
+    "attack --epsilons with 33 radii": (
+        lambda ws: attack_args(ws, "--epsilons", *[f"0.0{i:02d}" for i in range(33)]),
+        r"--epsilons: 33 values, at most 32 allowed \(as config key analysis.epsilons\)",
     ),
     "attack --device cuda:9": (
         lambda ws: attack_args(ws, "--device", "cuda:9"),

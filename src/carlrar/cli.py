@@ -131,8 +131,11 @@ def _analysis_settings(args: argparse.Namespace) -> AnalysisConfig:
     The workflow passes its resolved config, so a setting lives in one place, the config; a flag given by hand
     replaces just that value (flags are parsed to None when absent, so a default can never mask the config).
     """
-    from carlrar.config import load_config
+    from carlrar.config import length_problem, load_config
 
+    epsilons = getattr(args, "epsilons", None)
+    if epsilons is not None and (problem := length_problem("analysis.epsilons", len(epsilons))):
+        raise CarlrarError(f"--epsilons: {problem}")
     analysis = load_config(args.config).analysis if args.config else AnalysisConfig.defaults()
     given = {
         name: tuple(value) if isinstance(value, list) else value

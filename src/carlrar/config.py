@@ -180,8 +180,9 @@ def _error_line(error: jsonschema.ValidationError) -> str:
     if error.validator == "enum":
         allowed = ", ".join(repr(v) for v in error.validator_value)
         return f"config key '{where}': {error.instance!r} is not allowed; choose one of {allowed}"
-    if error.validator == "pattern":
-        return f"config key '{where}': {error.instance!r} is not allowed; {error.schema.get('description', '')}"
+    if error.validator == "pattern":  # the schema's description says what the pattern means
+        rule = error.schema.get("description", "see config/README.md")
+        return f"config key '{where}': {error.instance!r} is not allowed; {rule[:1].lower()}{rule[1:]}"
     if error.validator in ("oneOf", "anyOf") and error.context:
         # the branch of the value's own type names the fault (a bad path), not "not of type 'array'"
         fitting = [e for e in error.context if e.validator != "type"] or error.context
@@ -259,6 +260,16 @@ def bound_problem(key: str, value: float) -> str | None:
     )
     failed = [f"{sign} {node[name]}" for name, holds, sign in limits if name in node and not holds(node[name])]
     return f"must be {failed[0]} (as config key {key.replace('[]', '')})" if failed else None
+
+
+def length_problem(key: str, count: int) -> str | None:
+    """Why ``count`` values break the schema's length bounds of list ``key`` (for options taking several values)."""
+    node: dict[str, Any] = load_schema()
+    for part in key.split("."):
+        node = node["properties"][part]
+    if count > node.get("maxItems", count):
+        return f"{count} values, at most {node['maxItems']} allowed (as config key {key})"
+    return None
 
 
 def section_defaults(section: str) -> dict[str, Any]:
