@@ -59,7 +59,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-import yaml  # noqa: E402
 from _common import (  # noqa: E402  (benchmarks/_common.py)
     ROOT,
     MiB,
@@ -96,7 +95,7 @@ from carlrar.checkpoints import (  # noqa: E402
     rng_state,
     save_checkpoint,
 )
-from carlrar.config import Config, from_mapping  # noqa: E402
+from carlrar.config import Config, from_mapping, read_yaml  # noqa: E402
 from carlrar.errors import CarlrarError  # noqa: E402
 from carlrar.models import TextClassifier  # noqa: E402
 from carlrar.registry import METHOD_IDS as METHODS  # noqa: E402
@@ -198,7 +197,7 @@ def pick_device(name: str) -> torch.device:
 
 def paper_config(path: Path, tiny: bool) -> Config:
     """The paper's config; tiny mode shrinks CARL's m so that banks of 64 rows have enough negatives."""
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = read_yaml(path)
     if tiny:
         for dataset in raw["datasets"].values():
             dataset["carl"]["negatives"] = TINY["negatives"]

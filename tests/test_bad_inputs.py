@@ -7,9 +7,11 @@ two broken model folders; each case copies it, breaks one thing, runs one comman
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -21,10 +23,12 @@ import pytest
 import torch
 import yaml
 from helpers.configs import tiny_config
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from carlrar import training
+from carlrar import checkpoints, data, training
 from carlrar.cli import main
+from carlrar.identity import OWNER_FILE
 from carlrar.models import resolve_source
 
 Case = Callable[[Path], list[str]]
@@ -173,9 +177,9 @@ def mutate(action: Callable[[Path], object], args: Callable[[Path], list[str]]) 
     return case
 
 
-def write_config(text: str) -> Case:
+def write_config(text: str | bytes) -> Case:
     def case(ws: Path) -> list[str]:
-        (ws / "bad.yaml").write_text(text)
+        (ws / "bad.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
         args = train_args(ws)
         args[args.index("--config") + 1] = f"{ws}/bad.yaml"
         return args
@@ -183,7 +187,16 @@ def write_config(text: str) -> Case:
     return case
 
 
+def paired_args(ws: Path, *extra: str) -> list[str]:
+    return ["paired-table", "--metrics", f"{ws}/runs/base/metrics.json", "--out", f"{ws}/tables/paired", *extra]
+
+
 LR = "training.learning_rate"
+TINY_YAML = yaml.safe_dump(tiny_config())
+# "billion laughs": 9 levels of 9 aliases, 342 bytes that stand for 9**9 (387 million) strings
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{name}: &{name} [{', '.join([f'*{inner}'] * 9)}]\n" for inner, name in zip("abcdefgh", "bcdefghi")
+)
 CATALOGUE: dict[str, tuple[Case, str]] = {
     # --- prepare: raw files and output paths
     "csv cut inside a quoted field": (
@@ -239,6 +252,72 @@ CATALOGUE: dict[str, tuple[Case, str]] = {
         r"config file not found",
     ),
     "override without =": (lambda ws: train_args(ws, "--set", LR), r"is not KEY=VALUE"),
+    "a second training block in the config file": (
+        write_config(TINY_YAML + "training: {learning_rate: 0.5}\n"),
+        r"bad.yaml is not valid YAML: line \d+: duplicate key 'training' \(first given on line \d+\); keep one",
+    ),
+    "a key given twice inside a section": (
+        write_config(TINY_YAML.replace("  learning_rate: 0.003\n", "  learning_rate: 0.003\n  learning_rate: 0.5\n")),
+        r"bad.yaml is not valid YAML: line \d+: duplicate key 'learning_rate'",
+    ),
+    "a YAML alias bomb": (
+        write_config(ALIAS_BOMB),
+        r"bad.yaml: the config expands to more than 100,000 values \(YAML aliases",
+    ),
+    "a recursive YAML alias": (
+        write_config(TINY_YAML + "analysis: &loop {datasets: [*loop]}\n"),
+        r"expands to more than 100,000 values .*recursive alias",
+    ),
+    "a duplicate key in a --set value": (
+        lambda ws: train_args(ws, "--set", "model.overrides={hidden_size: 32, hidden_size: 64}"),
+        r"the value is not valid YAML \(line 1: duplicate key 'hidden_size'",
+    ),
+    "a config file that is not UTF-8": (
+        write_config(TINY_YAML.replace("run_name: t", "run_name: caf\xe9").encode("latin-1")),
+        r"bad.yaml:\d+: not UTF-8 text \(byte \d+\); save the file as UTF-8",
+    ),
+    "run_name that climbs out of results/": (
+        lambda ws: train_args(ws, "--set", "run_name=.."),
+        r"config key 'run_name': '\.\.' is not allowed; .*one plain folder name",
+    ),
+    "run_name with a slash": (
+        lambda ws: train_args(ws, "--set", "run_name=mine/../../x"),
+        r"config key 'run_name': 'mine/\.\./\.\./x' is not allowed",
+    ),
+    "raw file outside the dataset's raw folder": (
+        lambda ws: [*prepare_args(ws), "--set", "datasets.sst2.files.train=../../notes.txt"],
+        r"config key 'datasets.sst2.files.train': '\.\./\.\./notes.txt' is not allowed; a file name in <raw_dir>/",
+    ),
+    "absolute raw file among the alternatives": (
+        lambda ws: [*prepare_args(ws), "--set", f"datasets.sst2.files.train=[train.tsv, {ws}/notes.txt]"],
+        r"config key 'datasets.sst2.files.train.1': '.*notes.txt' is not allowed",
+    ),
+    "max_steps of 1e29": (
+        lambda ws: train_args(ws, "--set", "training.max_steps=1.0e+29"),
+        r"'training.max_steps': 1e\+29 is greater than the maximum of 10000000",
+    ),
+    "an evaluation batch of a billion": (
+        lambda ws: train_args(ws, "--set", "training.eval_batch_size=1000000000"),
+        r"'training.eval_batch_size': 1000000000 is greater than the maximum of 65536",
+    ),
+    "CARL negatives beyond any dataset": (
+        lambda ws: train_args(ws, "--set", "datasets.sst2.carl.negatives=100000000", method="carl"),
+        r"'datasets.sst2.carl.negatives': 100000000 is greater than the maximum of 1000000",
+    ),
+    "an hpsearch grid of 17 values": (
+        lambda ws: train_args(ws, "--set", f"hpsearch.grid.adv_steps=[{', '.join(map(str, range(1, 18)))}]"),
+        r"'hpsearch.grid.adv_steps': .* is too long",
+    ),
+    "data.max_length above the model's positions": (
+        lambda ws: train_args(ws, "--set", "data.max_length=1024"),
+        r"config key 'data.max_length' is 1024, but model 'random:minilm-l6' has 512 positions "
+        r"\(max_position_embeddings\); set data.max_length to at most 512",
+    ),
+    "train --device cuda:9": (
+        lambda ws: [*train_args(ws), "--device", "cuda:9"],
+        r"device 'cuda:9' (requested but (this torch is a CPU-only build|torch sees no GPU)|does not exist)",
+    ),
+    "train --device cuda:x": (lambda ws: [*train_args(ws), "--device", "cuda:x"], r"unknown device 'cuda:x'"),
     "unknown config key": (
         lambda ws: train_args(ws, "--set", "training.learning_rat=0.1"),
         r"'learning_rat' was unexpected",
@@ -379,6 +458,33 @@ CATALOGUE: dict[str, tuple[Case, str]] = {
         r"--epsilons: nan is not a finite number",
     ),
     "attack --batch-size 0": (lambda ws: attack_args(ws, "--batch-size", "0"), r"--batch-size: 0 must be >= 1"),
+    "attack --steps 10**11": (
+        lambda ws: attack_args(ws, "--steps", "100000000000"),
+        r"--steps: 100000000000 must be <= 1000 \(as config key analysis.steps\)",
+    ),
+    "attack --batch-size 10**9": (
+        lambda ws: attack_args(ws, "--batch-size", "1000000000"),
+        r"--batch-size: 1000000000 must be <= 65536",
+    ),
+    "attack --epsilons with 33 radii": (
+        lambda ws: attack_args(ws, "--epsilons", *[f"0.0{i:02d}" for i in range(33)]),
+        r"--epsilons: 33 values, at most 32 allowed \(as config key analysis.epsilons\)",
+    ),
+    "attack --device cuda:9": (
+        lambda ws: attack_args(ws, "--device", "cuda:9"),
+        r"device 'cuda:9' (requested but|does not exist)",
+    ),
+    "attack --config with a million PGD steps": (
+        mutate(
+            lambda ws: (ws / "bad.yaml").write_text(yaml.safe_dump({**tiny_config(), "analysis": {"steps": 10**6}})),
+            lambda ws: attack_args(ws, "--config", f"{ws}/bad.yaml"),
+        ),
+        r"bad.yaml: config key 'analysis.steps': 1000000 is greater than the maximum of 1000",
+    ),
+    "paired-table --resamples 10**9": (
+        lambda ws: paired_args(ws, "--resamples", "1000000000"),
+        r"--resamples: 1000000000 must be <= 1000000",
+    ),
     "attack --step-size-ratio 0": (
         lambda ws: attack_args(ws, "--step-size-ratio", "0"),
         r"--step-size-ratio: 0 must be > 0",
@@ -540,3 +646,90 @@ with exclusive(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)
 """
+
+
+def _inject_loss(monkeypatch: pytest.MonkeyPatch, at_call: int, term: str) -> None:
+    """The loss term ``term`` of the ``at_call``-th training step turns infinite (a divergence, injected)."""
+    real_step, calls = training.adversarial_backward, {"n": 0}
+
+    def diverging(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            out.losses[term] = float("inf")
+        return out
+
+    monkeypatch.setattr(training, "adversarial_backward", diverging)
+
+
+@pytest.mark.parametrize(
+    ("term", "advice"), [("carl", r"raise training.carl.temperature"), ("ce", r"lower training.learning_rate")]
+)
+def test_the_divergence_advice_names_the_setting_of_the_loss_that_diverged(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], term: str, advice: str
+) -> None:
+    """CARL's L_D overflows at a small temperature while cross-entropy stays finite: the learning rate is then the
+    wrong thing to lower."""
+    _inject_loss(monkeypatch, 3, term)
+    code, err = run_cli(train_args(ws, method="carl"), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(rf"training diverged at step 3 .*{term} inf.*[;:] {advice}", err), err
+    assert ("temperature" in err) == (term == "carl"), err
+
+
+def _no_files_but_the_workspace(ws: Path, before: dict[str, bytes | None], run: Path) -> None:
+    """Nothing of the workspace changed; the new run folder holds no file (no half-written or hidden entry)."""
+    inside = str(run.relative_to(ws))
+    assert {k: v for k, v in snapshot(ws).items() if not k.startswith(inside)} == before
+    assert not [p for p in run.rglob("*") if p.is_file() and p.name != OWNER_FILE]  # the run's mark may stay
+
+
+def test_disk_full_while_replacing_prepared_data_keeps_the_old_copy(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data.pq, "write_table", full)
+    before = snapshot(ws)
+    code, err = run_cli(prepare_args(ws, out="data/sst2"), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"no space left on device writing \S+/data/sst2; free space or point --out elsewhere", err), err
+    assert snapshot(ws) == before
+
+
+def test_disk_full_while_checkpointing_leaves_no_half_written_checkpoint(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """safetensors reports a full disk in its own exception type, with the OS error in its text."""
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoints, "save_file", full)
+    before = snapshot(ws)
+    code, err = run_cli(train_args(ws), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"no space left on device writing \S+/runs/new/checkpoint; free space", err), err
+    _no_files_but_the_workspace(ws, before, ws / "runs/new")
+
+
+def test_a_file_size_limit_is_one_line_naming_it_and_keeps_the_old_copy(ws: Path) -> None:
+    """A real ``ulimit -f``: the kernel refuses the write (EFBIG; Python ignores SIGXFSZ) part-way through a split."""
+    limit = 1024  # bytes: less than one prepared split, more than the command needs to start
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    before = snapshot(ws)
+    result = subprocess.run(
+        [sys.executable, "-m", "carlrar.cli", "-q", *prepare_args(ws, out="data/sst2")],
+        preexec_fn=limited,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert re.search(r"file size limit exceeded \(ulimit -f\) writing \S+/data/sst2; raise the limit", result.stderr)
+    assert snapshot(ws) == before

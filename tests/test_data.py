@@ -394,3 +394,35 @@ def test_a_csv_cut_inside_a_quoted_field_is_refused(tmp_path: Path) -> None:
     stray = write(tmp_path / "test.csv", 'label,text\n1,"quoted" then more\n')
     with pytest.raises(DataError, match=r"test.csv:2: malformed CSV"):
         read_file(stray, DATASETS["ag_news"])
+
+
+@pytest.mark.parametrize(
+    ("name", "dataset", "text"),
+    [
+        ("train.tsv", "sst2", "sentence\tlabel\na good film \t1\na bad film \t0\n"),
+        ("mine.csv", "ag_news", "label,text\n1,world news\n2,a match\n"),
+    ],
+)
+def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path: Path, name: str, dataset: str, text: str) -> None:
+    """Spreadsheet exports start with a UTF-8 BOM: the file reads as the same file without it, not as a column
+    count error of an unrecognised format."""
+    plain = read_file(write(tmp_path / "plain" / name, text), DATASETS[dataset])
+    marked = read_file(write(tmp_path / "bom" / name, b"\xef\xbb\xbf" + text.encode()), DATASETS[dataset])
+    assert (marked.texts, marked.labels, marked.rows) == (plain.texts, plain.labels, plain.rows)
+    assert marked.source["format"] == plain.source["format"] != "zhang-csv"
+
+
+def test_config_files_are_read_strictly_yet_merge_keys_and_json_still_work(tmp_path: Path) -> None:
+    """A key written twice is refused (YAML and JSON), while a merge (<<) may override what it brings in."""
+    from carlrar.config import read_yaml
+
+    merged = write(tmp_path / "merge.yaml", "base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")
+    assert read_yaml(merged)["other"] == {"x": 3, "y": 2}
+    tabbed = write(tmp_path / "tabs.json", '{\n\t"run_name": "t",\n\t"training": {"seeds": [1]}\n}\n')
+    assert read_yaml(tabbed) == {"run_name": "t", "training": {"seeds": [1]}}  # no valid YAML: tabs indent it
+    twice = write(tmp_path / "twice.json", '{"training": {"seeds": [1]}, "training": {"seeds": [2]}}')
+    with pytest.raises(ConfigError, match=r"twice.json: duplicate key 'training' in a JSON object; keep one"):
+        read_yaml(twice)
+    nested = write(tmp_path / "nested.yaml", "training:\n  carl:\n    temperature: 0.07\n    temperature: 0.5\n")
+    with pytest.raises(ConfigError, match=r"nested.yaml is not valid YAML: line 4: duplicate key 'temperature' "):
+        read_yaml(nested)

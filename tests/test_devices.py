@@ -415,6 +415,22 @@ def test_explicit_devices_take_no_lease(lock_dir: Path, monkeypatch: pytest.Monk
     assert not lock_dir.exists()
 
 
+def test_a_numbered_gpu_that_does_not_exist_is_refused_before_any_work(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.device("cuda:9") is accepted by torch and fails only at the first tensor moved there."""
+    fake_gpus(monkeypatch, [UUID_A, UUID_B])
+    with pytest.raises(CarlrarError, match=r"device 'cuda:2' does not exist: torch sees 2 GPU\(s\), cuda:0 to cuda:1"):
+        select_device("cuda:2")
+    with pytest.raises(CarlrarError, match=r"unknown device 'cuda:-1'"):
+        select_device("cuda:-1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(CarlrarError, match=r"device 'cuda:0' requested but this torch is a CPU-only build; use --dev"):
+        select_device("cuda:0")
+    assert not lock_dir.exists()
+
+
 # --- the CLI tells users about the variables, the same way on every command ---------------------------------------
 
 

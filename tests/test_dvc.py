@@ -176,6 +176,16 @@ def test_stage_helper_refuses_a_run_name_that_differs_from_the_config(tmp_path: 
     assert "run.name is 'paper' but config/smoke.yaml has run_name 'smoke'" in result.stderr
 
 
+def test_stage_helper_refuses_params_naming_a_key_twice(tmp_path: Path) -> None:
+    """YAML would keep the second run section (another config, another run name) without a word."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    text = yaml.safe_dump(project_params()) + "run: {config: config/smoke.yaml, name: smoke, raw_dir: data/raw}\n"
+    (tmp_path / "params.yaml").write_text(text)
+    result = run(sys.executable, str(STAGE_HELPER), "snakemake", "-n", cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert re.search(r"params.yaml is not valid YAML: line \d+: duplicate key 'run'", result.stderr), result.stderr
+
+
 def test_stage_helper_says_where_the_raw_data_goes_before_snakemake_runs(tmp_path: Path) -> None:
     """A fresh clone's data/raw holds only its README: one line naming the files, the folder and run.raw_dir."""
     result = stage_helper(stage_folder(tmp_path), "snakemake", "--until", "prepare")

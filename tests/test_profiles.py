@@ -203,7 +203,7 @@ def test_slurm_profile_submits_gpu_and_cpu_jobs(tmp_path: Path, raw_dir: Path) -
     # Training: the prepared splits "exist" (empty files), so the only job is the training run.
     processed = work / "data/processed/smoke/sst2"
     processed.mkdir(parents=True)
-    for name in ("train.parquet", "dev.parquet", "test.parquet", "manifest.json"):
+    for name in ("train.parquet", "dev.parquet", "test.parquet", "manifest.json", "splits_sha256.json"):
         (processed / name).touch()
     common = (
         "--profile",

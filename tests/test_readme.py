@@ -79,7 +79,7 @@ def test_config_readme_table_equals_the_schema() -> None:
     result = config_table("--check")
     assert result.returncode == 0, result.stderr
     text = (ROOT / "config" / "README.md").read_text(encoding="utf-8")
-    for key in ("`analysis.steps` | integer | `10` | ≥ 1 |", "`datasets.<dataset>.per_class.train` |"):
+    for key in ("`analysis.steps` | integer | `10` | [1, 1000] |", "`datasets.<dataset>.per_class.train` |"):
         assert key in text
 
 

@@ -538,6 +538,17 @@ def test_paired_table_skips_runs_without_predictions(tmp_path: Path, caplog: pyt
     assert frame[["method", "reference"]].values.tolist() == [["carl", "freelb"]]
 
 
+@pytest.mark.parametrize("resamples", [0, 10**9, 2.5])
+def test_paired_bootstrap_sizes_beyond_its_bound_are_refused_before_reading(tmp_path: Path, resamples: float) -> None:
+    """A billion resamples held 30 GB of replicates at once: the library refuses it, as the command line does."""
+    from carlrar.paired import MAX_RESAMPLES, paired_bootstrap, paired_frame
+
+    with pytest.raises(CarlrarError, match=rf"resamples {resamples!r} must be an integer from 1 to {MAX_RESAMPLES:,}"):
+        paired_frame([tmp_path / "missing" / "metrics.json"], resamples=resamples)
+    with pytest.raises(CarlrarError, match="must be an integer from 1"):
+        paired_bootstrap([[1, 0, -1]], resamples=resamples)
+
+
 def test_paired_table_cli_writes_three_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from carlrar.cli import main
 

@@ -167,6 +167,33 @@ def test_invalid_config_fails_naming_the_key(tmp_path: Path, change: dict, messa
     assert len(output.splitlines()) < 15  # one line naming the key, not a dump of the schema
 
 
+SMOKE_TEXT = (ROOT / "config" / "smoke.yaml").read_text(encoding="utf-8")
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{name}: &{name} [{', '.join([f'*{inner}'] * 9)}]\n" for inner, name in zip("abcdefgh", "bcdefghi")
+)
+OUTSIDE_RAW = yaml.safe_dump(smoke_config({"datasets": {"sst2": {"files": {"train": "../../../etc/passwd"}}}}))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # Snakemake's own loader takes the second block (learning rate 0.5 for every run): the file is read again
+        (SMOKE_TEXT + "training:\n  learning_rate: 0.5\n", r"line \d+: duplicate key 'training' \(first given on line"),
+        (BOMB, r"expands to more than 100,000 values"),  # before anything walks the expanded mapping
+        (SMOKE_TEXT.replace("run_name: smoke", "run_name: .."), r"config key 'run_name': '\.\.' is not allowed"),
+        (OUTSIDE_RAW, r"config key 'datasets.sst2.files.train': '\.\./\.\./\.\./etc/passwd' is not allowed"),
+    ],
+)
+def test_config_files_that_snakemake_would_misread_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    result = snakemake("-n", "--configfile", str(path), "--replace-workflow-config", timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(f"invalid workflow config: .*{message}", output), output[-3000:]
+    assert "Job stats" not in output  # nothing planned
+
+
 def test_smoke_dag_runs_end_to_end(tmp_path: Path, raw_dir: Path) -> None:
     """The whole DAG for real on a tiny config: prepare -> 4 training runs -> Table 2, then nothing to redo."""
     copy_workflow(tmp_path)

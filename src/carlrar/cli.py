@@ -63,6 +63,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def resample_count(text: str) -> int:
+    """The argparse type of ``paired-table --resamples``: 1 to carlrar.paired.MAX_RESAMPLES, before any work."""
+    from carlrar.paired import MAX_RESAMPLES  # numpy and pandas: imported only when the option is given
+
+    value = positive_int(text)
+    if value > MAX_RESAMPLES:
+        raise argparse.ArgumentTypeError(f"{text} must be <= {MAX_RESAMPLES} (the replicates are held in memory)")
+    return value
+
+
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from carlrar.config import load_config
     from carlrar.data import prepare_dataset
@@ -122,8 +132,11 @@ def _analysis_settings(args: argparse.Namespace) -> AnalysisConfig:
     The workflow passes its resolved config, so a setting lives in one place, the config; a flag given by hand
     replaces just that value (flags are parsed to None when absent, so a default can never mask the config).
     """
-    from carlrar.config import load_config
+    from carlrar.config import length_problem, load_config
 
+    epsilons = getattr(args, "epsilons", None)
+    if epsilons is not None and (problem := length_problem("analysis.epsilons", len(epsilons))):
+        raise CarlrarError(f"--epsilons: {problem}")
     analysis = load_config(args.config).analysis if args.config else AnalysisConfig.defaults()
     given = {
         name: tuple(value) if isinstance(value, list) else value
@@ -336,7 +349,12 @@ def _add_paired_parser(commands: argparse._SubParsersAction) -> None:
         "--summaries", nargs="*", default=[], type=Path, help="summary.json files of 'carlrar attack' (optional)"
     )
     paired.add_argument("--out", required=True, type=Path, help="output prefix, e.g. results/paper/tables/table_paired")
-    paired.add_argument("--resamples", type=positive_int, default=10_000, help="bootstrap resamples B (default: 10000)")
+    paired.add_argument(
+        "--resamples",
+        type=resample_count,
+        default=10_000,
+        help="bootstrap resamples B, at most 1000000 (default: 10000)",
+    )
     paired.add_argument(
         "--seed",
         type=config_number("analysis.seed", int),

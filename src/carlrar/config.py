@@ -17,7 +17,7 @@ from typing import Any, Literal
 import jsonschema
 import yaml
 
-from carlrar.errors import CarlrarError
+from carlrar.errors import CarlrarError, first_line
 
 SplitName = Literal["train", "dev", "test"]
 Size = int | Literal["all"]
@@ -25,6 +25,135 @@ Size = int | Literal["all"]
 
 class ConfigError(CarlrarError):
     """The configuration does not match the schema."""
+
+
+# A config holds a few hundred values; YAML aliases (*name) can make a few hundred bytes stand for billions of them
+# (a "billion laughs" file), which PyYAML builds cheaply as shared objects but every walk over the config expands.
+MAX_CONFIG_VALUES = 100_000
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error instead of the last one winning.
+
+    Two ``training:`` blocks would otherwise silently replace the first with the second. Keys that a merge
+    (``<<: *base``) brings in may still be overridden: only the keys written in the mapping itself are compared.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):  # unhashable: PyYAML's own construct_mapping reports it
+                continue
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first given on line {first}); keep one of them",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python objects: no duplicate keys, no alias expansion beyond MAX_CONFIG_VALUES values.
+
+    Raises yaml.YAMLError (a duplicate key names its line) or ConfigError (an alias bomb).
+    """
+    data = yaml.load(text, Loader=StrictLoader)  # a SafeLoader: builds plain data only
+    check_size(data)
+    return data
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names a key twice."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise DuplicateKey(key)
+    return dict(pairs)
+
+
+def _parse_json(text: str) -> Any:
+    """A JSON config (which Snakemake also accepts, e.g. tab-indented where YAML would refuse the tabs).
+
+    Raises ValueError when the text is not JSON, ConfigError when it is JSON naming a key twice.
+    """
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_pairs)
+    except DuplicateKey as exc:
+        raise ConfigError(f"duplicate key {exc.args[0]!r} in a JSON object; keep one of them") from None
+    check_size(data)
+    return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as "line N: problem", PyYAML's multi-line report cut to what names the fault."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return first_line(exc)
+    return f"line {mark.line + 1}: {problem}"
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """Read a YAML (or JSON) file with :func:`parse_yaml`; every way it can fail is one ConfigError naming the file.
+
+    Used for every YAML config the project reads (``load_config``, the workflow's --configfile re-check,
+    DVC's params.yaml), so a duplicate key, an alias bomb or a non-UTF-8 file fails the same way everywhere.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+    try:
+        return _parse_config_text(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _parse_config_text(text: str) -> Any:
+    """JSON first, then YAML, as Snakemake reads a --configfile (tab-indented JSON is no valid YAML)."""
+    try:
+        return _parse_json(text)
+    except ValueError:
+        return parse_yaml(text)
+
+
+def check_size(raw: Any, limit: int = MAX_CONFIG_VALUES) -> None:
+    """Refuse a config that expands to more than ``limit`` values, counting an aliased block at each use.
+
+    The walk stops at the first value past the limit, so it costs at most ``limit`` steps however large the
+    expansion (or a recursive alias, which never ends) would be.
+    """
+    pending, count = [raw], 0
+    while pending:
+        node = pending.pop()
+        count += 1
+        if count > limit:
+            raise ConfigError(
+                f"the config expands to more than {limit:,} values (YAML aliases such as *name repeating large "
+                "blocks, or a recursive alias); write the values out or remove the aliases"
+            )
+        if isinstance(node, dict):
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
 
 
 def load_schema() -> dict[str, Any]:
@@ -51,6 +180,13 @@ def _error_line(error: jsonschema.ValidationError) -> str:
     if error.validator == "enum":
         allowed = ", ".join(repr(v) for v in error.validator_value)
         return f"config key '{where}': {error.instance!r} is not allowed; choose one of {allowed}"
+    if error.validator == "pattern":  # the schema's description says what the pattern means
+        rule = error.schema.get("description", "see config/README.md")
+        return f"config key '{where}': {error.instance!r} is not allowed; {rule[:1].lower()}{rule[1:]}"
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        # the branch of the value's own type names the fault (a bad path), not "not of type 'array'"
+        fitting = [e for e in error.context if e.validator != "type"] or error.context
+        return _error_line(jsonschema.exceptions.best_match(fitting))
     if error.validator == "additionalProperties":
         known = ", ".join(sorted(error.schema.get("properties", {})))
         return f"config key '{where}': {error.message}; known keys: {known}"
@@ -126,6 +262,16 @@ def bound_problem(key: str, value: float) -> str | None:
     return f"must be {failed[0]} (as config key {key.replace('[]', '')})" if failed else None
 
 
+def length_problem(key: str, count: int) -> str | None:
+    """Why ``count`` values break the schema's length bounds of list ``key`` (for options taking several values)."""
+    node: dict[str, Any] = load_schema()
+    for part in key.split("."):
+        node = node["properties"][part]
+    if count > node.get("maxItems", count):
+        return f"{count} values, at most {node['maxItems']} allowed (as config key {key})"
+    return None
+
+
 def section_defaults(section: str) -> dict[str, Any]:
     """The schema's defaults of one top-level section: what a config that leaves the section out resolves to.
 
@@ -143,6 +289,7 @@ def section_defaults(section: str) -> dict[str, Any]:
 
 def resolve(raw: dict[str, Any]) -> dict[str, Any]:
     """Validate a config mapping and fill in the defaults (in place); raise ConfigError naming the key."""
+    check_size(raw)  # first: every walk below would expand an alias bomb
     coerce_exponent_numbers(raw)
     bad = _non_finite_key(raw)
     if bad:
@@ -277,6 +424,7 @@ class Config:
 
 
 def from_mapping(raw: dict[str, Any]) -> Config:
+    check_size(raw)  # before the copy, which would expand an alias bomb
     raw = resolve(json.loads(json.dumps(raw)))
     datasets = {
         name: DatasetConfig(
@@ -323,21 +471,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"override {item!r}: config key '{part}' holds a value, not a section")
             node = child
         try:
-            node[leaf] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+            node[leaf] = parse_yaml(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
     return raw
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config file, apply ``key=value`` overrides, validate and resolve it."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     try:

@@ -49,9 +49,10 @@ def _join(fields: list[str]) -> str:
 
 
 def _decode(path: Path) -> str:
+    """The file as text; a UTF-8 byte-order mark (what spreadsheet exports start with) is no part of the header."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); re-encode the file as UTF-8") from None

@@ -268,13 +268,31 @@ def default_lock_dir() -> Path:
     return Path(os.environ.get(LOCK_DIR_ENV, Path(tempfile.gettempdir()) / "carlrar-gpu-locks"))
 
 
+def numbered_gpu(requested: str) -> torch.device:
+    """``cuda:N`` as a device, refused in one line before any work where it does not exist (torch would accept the
+    name and fail at the first tensor moved there, with a traceback)."""
+    index = requested.removeprefix("cuda:")
+    if not index.isdigit():
+        raise CarlrarError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no GPU"
+        raise CarlrarError(f"device {requested!r} requested but {why}; use --device cpu (or auto)")
+    count = torch.cuda.device_count()
+    if int(index) >= count:
+        raise CarlrarError(
+            f"device {requested!r} does not exist: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1} "
+            "(after CUDA_VISIBLE_DEVICES); use one of them, or cuda / auto for a free one"
+        )
+    return torch.device(requested)
+
+
 def select_device(requested: str = "auto", wait_seconds: float = 3600.0) -> tuple[torch.device, GpuLease | None]:
     """``auto``/``cuda``: a leased GPU slot (or cuda:0 where no lease is needed), ``auto`` falling back to the CPU;
     ``cpu`` or ``cuda:N`` as given, without a lease."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu"), None
     if requested.startswith("cuda:"):
-        return torch.device(requested), None
+        return numbered_gpu(requested), None
     if requested not in ("auto", "cuda"):
         raise CarlrarError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():

@@ -182,16 +182,32 @@ def load_error(name: str, source: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"could not load model '{name}': {hint}")
 
 
+def check_max_length(name: str, config: PretrainedConfig, max_length: int) -> None:
+    """Refuse a ``data.max_length`` beyond the encoder's position table, which would fail inside its first
+    forward pass on a sentence that long (an index error on the CPU, a device-side assert on CUDA)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ModelLoadError(
+            f"config key 'data.max_length' is {max_length}, but model '{name}' has {limit} positions "
+            f"(max_position_embeddings); set data.max_length to at most {limit}"
+        )
+
+
 def load_model(
-    name: str, num_labels: int, overrides: dict[str, Any] | None = None, pooling: str = "pooler"
+    name: str,
+    num_labels: int,
+    overrides: dict[str, Any] | None = None,
+    pooling: str = "pooler",
+    max_length: int | None = None,
 ) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
     """Build the classifier and its tokenizer from a model name.
 
     ``name`` is a hub name (e.g. ``albert-base-v2``), a local folder, the alias ``minilm-l6``, or
     ``random:<any of those>``: then only config and tokenizer come from the source and the weights
     are initialised from the current torch seed, with ``overrides`` applied to the config (tiny
-    models for tests). ``pooling`` is the sentence representation (see TextClassifier).
-    Raises ModelLoadError when the name cannot be loaded (e.g. offline).
+    models for tests). ``pooling`` is the sentence representation (see TextClassifier). ``max_length``, the
+    config's ``data.max_length`` where given, is checked against the encoder's positions.
+    Raises ModelLoadError when the name cannot be loaded (e.g. offline) or cannot take ``max_length`` tokens.
     """
     source, random_init = parse_name(name)
     if overrides and not random_init:
@@ -215,6 +231,8 @@ def load_model(
         raise
     except Exception as exc:  # missing, truncated or foreign files fail in OSError, safetensors or json alike
         raise load_error(name, resolved, exc) from exc
+    if max_length is not None:
+        check_max_length(name, encoder.config, max_length)
     try:
         return TextClassifier(encoder, num_labels, pooling), tokenizer
     except ValueError as exc:

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 PAIRED_REFERENCES = ("freelb", "base")  # every method is compared with each of these that ran on the dataset
 BOOTSTRAP_RESAMPLES = 10_000
+# The replicates of a group of comparisons are held at once, B x C float64 (one million x 40 is 320 MB); a
+# percentile interval's Monte Carlo error is about 1 % of the bootstrap SE at B = 100,000 already.
+MAX_RESAMPLES = 1_000_000
 BOOTSTRAP_SEED = 2021
 MDE_Z = 1.96 + 0.84  # two-sided alpha = 0.05 plus 80 % power
 _CHUNK_ELEMENTS = 1 << 21  # resampled indices held at once (16 MiB as int64), whatever the split's size
@@ -117,6 +120,15 @@ def _paired_difference(method: pd.DataFrame, reference: pd.DataFrame, where: str
     return method["correct"].to_numpy(np.int8) - reference["correct"].to_numpy(np.int8)
 
 
+def check_resamples(resamples: int) -> None:
+    """Refuse a bootstrap size outside [1, MAX_RESAMPLES] before any file is read or array allocated."""
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or not 1 <= resamples <= MAX_RESAMPLES:
+        raise ReportError(
+            f"bootstrap resamples {resamples!r} must be an integer from 1 to {MAX_RESAMPLES:,} (the replicates are "
+            f"held in memory at once); the default is {BOOTSTRAP_RESAMPLES:,}"
+        )
+
+
 def _bootstrap_pooled(differences: Sequence[np.ndarray], resamples: int, seed: int) -> np.ndarray:
     """Bootstrap replicates [B, C] of C comparisons that share seeds and split sizes (so, the resampled rows).
 
@@ -151,6 +163,7 @@ def paired_bootstrap(
     """
     if not differences:
         raise ReportError("a paired bootstrap needs at least one seed")
+    check_resamples(resamples)
     return _bootstrap_pooled([np.asarray(d)[None, :] for d in differences], resamples, seed)[:, 0]
 
 
@@ -217,6 +230,7 @@ def paired_frame(
     See :func:`write_table_paired` for the procedure. Comparisons with the same seeds and split sizes share their
     resampled rows (each comparison's draw starts from a fresh generator), so they are bootstrapped together.
     """
+    check_resamples(resamples)
     outcomes: _Outcomes = {}
     _clean_outcomes(metrics_paths, outcomes)
     _attacked_outcomes(summary_paths, outcomes)

@@ -95,7 +95,11 @@ def warm_up_reconstructor(
     with leased_device(device_request) as device:
         set_seed(rar.warmup_seed, deterministic=device.type == "cpu")
         model, tokenizer = load_model(
-            config.model["name"], manifest["num_labels"], config.model.get("overrides") or None, "cls"
+            config.model["name"],
+            manifest["num_labels"],
+            config.model.get("overrides") or None,
+            "cls",
+            config.data.max_length,
         )
         reconstructor = build_reconstructor(model, config.model["name"])
         model.to(device)

@@ -31,6 +31,54 @@ log = logging.getLogger(__name__)
 _SWAP_ENTRY = re.compile(r"^\.(?P<target>.+)\.(?P<token>[a-z0-9_]{8})\.(?P<kind>tmp|old)$")
 
 
+# Errors that mean the file system took no more bytes, and how libraries that are not Python's own I/O word them
+# (safetensors: "I/O error: No space left on device (os error 28)"; pyarrow raises OSError with the errno).
+_FULL = {
+    errno.ENOSPC: ("no space left on device", "free space"),
+    errno.EDQUOT: ("disk quota exceeded", "free space"),
+    errno.EFBIG: ("file size limit exceeded (ulimit -f)", "raise the limit (ulimit -f unlimited)"),
+}
+_FULL_TEXTS = {
+    "(os error 28)": errno.ENOSPC,
+    "No space left on device": errno.ENOSPC,
+    "(os error 122)": errno.EDQUOT,
+    "Disk quota exceeded": errno.EDQUOT,
+    "(os error 27)": errno.EFBIG,
+    "File too large": errno.EFBIG,
+}
+
+
+class DiskFull(CarlrarError):
+    """An output could not be written for lack of space (or a file size limit); its temporary copy is removed."""
+
+    def __init__(self, code: int, path: Path) -> None:
+        what, remedy = _FULL[code]
+        super().__init__(f"{what} writing {path}; {remedy} or point --out elsewhere (nothing was replaced)")
+        self.code = code
+
+
+def _full_code(exc: BaseException) -> int | None:
+    """The errno of a write refused for space, whichever library raised it; None for any other error."""
+    if isinstance(exc, DiskFull):
+        return exc.code
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return exc.errno
+    text = str(exc)
+    return next((code for marker, code in _FULL_TEXTS.items() if marker in text), None)
+
+
+@contextlib.contextmanager
+def _space_errors_name(path: Path) -> Iterator[None]:
+    """Turn a write refused for space inside the block into one DiskFull naming ``path`` (the outermost target)."""
+    try:
+        yield
+    except Exception as exc:
+        code = _full_code(exc)
+        if code is None:
+            raise
+        raise DiskFull(code, path) from None
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
@@ -133,7 +181,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users of a shared cluster
     try:
-        yield tmp
+        with _space_errors_name(path):
+            yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -172,7 +221,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
-        yield tmp
+        with _space_errors_name(path):
+            yield tmp
         if path.exists():
             old = tmp.with_suffix(".old")
             os.replace(path, old)

@@ -103,6 +103,17 @@ DIVERGENCE_ADVICE = (
     "lower training.learning_rate or the FreeLB step (datasets.<name>.freelb.adv_lr, init_mag, adv_max_norm > 0), "
     "or keep training.max_grad_norm > 0, then rerun with --restart"
 )
+# CARL's scores are exp(x1 . x2 / T): at a small temperature T they overflow while the classifier's loss is fine.
+CARL_DIVERGENCE_ADVICE = (
+    "CARL's loss L_D went non-finite while the classification loss did not: raise training.carl.temperature "
+    "(scores exp(x1 . x2 / T) overflow at a small T), then rerun with --restart"
+)
+
+
+def divergence_advice(losses: dict[str, float]) -> str:
+    """The setting to change: CARL's temperature when only its L_D is non-finite, else the step sizes."""
+    carl, ce = losses.get("carl", 0.0), losses.get("ce", 0.0)
+    return CARL_DIVERGENCE_ADVICE if not math.isfinite(carl) and math.isfinite(ce) else DIVERGENCE_ADVICE
 
 
 def clip_and_measure(params: list[nn.Parameter], max_grad_norm: float) -> float:
@@ -138,7 +149,7 @@ def check_finite_step(
     raise TrainingDiverged(
         f"training diverged at step {progress.step + 1} (epoch {progress.epoch + 1}, batch "
         f"{progress.batch_in_epoch + 1}): loss {sum(losses.values()):.4g} ({terms}), gradient norm {grad_norm:.4g}; "
-        f"stopped before applying it, {_last_good(last)}; {DIVERGENCE_ADVICE}"
+        f"stopped before applying it, {_last_good(last)}; {divergence_advice(losses)}"
     )
 
 
@@ -376,7 +387,11 @@ def _set_up(
     tcfg, ds = config.training, config.dataset(dataset)
     set_seed(seed, deterministic=device.type == "cpu")  # the same initial weights on every rank
     model, tokenizer = load_model(
-        config.model["name"], manifest["num_labels"], config.model.get("overrides") or None, config.model["pooling"]
+        config.model["name"],
+        manifest["num_labels"],
+        config.model.get("overrides") or None,
+        config.model["pooling"],
+        config.data.max_length,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     splits = {s: encode_split(frames[s], tokenizer, config.data.max_length) for s in SPLITS}

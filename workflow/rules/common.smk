@@ -23,7 +23,7 @@ if importlib.util.find_spec("carlrar") is None:
     logger.info(f"carlrar is not installed in Snakemake's Python; parsing with {REPO_SRC}")
 
 from carlrar import fingerprints, plan
-from carlrar.config import ConfigError, coerce_exponent_numbers, from_mapping, resolve
+from carlrar.config import ConfigError, coerce_exponent_numbers, from_mapping, read_yaml, resolve
 from carlrar.fingerprints import code_fingerprint, digest
 from carlrar.prepared import SPLIT_HASHES_FILE
 from carlrar.sources import raw_files
@@ -38,11 +38,17 @@ from carlrar.storage import write_text
 #
 # carlrar's own check first: one line naming the key (snakemake's validate() would print the whole schema), plus
 # the rules that span keys (start_step xor start_epoch, official dev only for sst2, ...), as the CLI reports them.
-coerce_exponent_numbers(config)  # 1e-4 is a number (YAML 1.2), though Snakemake's YAML 1.1 loader reads a string
+# Snakemake's loader lets the last of two equal keys win (a second `training:` block silently replaces the first)
+# and expands YAML aliases without bound, so every config file it read is read again with carlrar's loader, which
+# refuses both; resolve() bounds the size before anything walks the mapping. (A config file that is not UTF-8
+# fails inside Snakemake's loader, before this file runs, with Snakemake's own UnicodeDecodeError.)
 try:
+    for path in workflow.configfiles:
+        read_yaml(path)
     resolve(copy.deepcopy(config))
 except ConfigError as exc:
     raise WorkflowError(f"invalid workflow config: {exc}") from None
+coerce_exponent_numbers(config)  # 1e-4 is a number (YAML 1.2), though Snakemake's YAML 1.1 loader reads a string
 # Then the standard validation against the same schema, which fills in the defaults. The package's own schema
 # (installed or src/), so the workflow also runs from a copy of Snakefile + workflow/ + config/.
 SCHEMA = Path(importlib.util.find_spec("carlrar").origin).parent / "schemas" / "config.schema.json"

@@ -110,6 +110,8 @@ def _allowed(node: dict[str, Any], root: dict[str, Any]) -> str:
         parts.append(f"matches `{node['pattern']}`")
     if node.get("minLength"):
         parts.append("not empty")
+    if node.get("maxLength"):
+        parts.append(f"at most {node['maxLength']} characters")
     if "propertyNames" in node:
         parts.append("keys: " + ", ".join(f"`{v}`" for v in node["propertyNames"]["enum"]))
     if node.get("minProperties"):
@@ -120,6 +122,8 @@ def _allowed(node: dict[str, Any], root: dict[str, Any]) -> str:
             parts.append(f"each {items}")
         if node.get("minItems"):
             parts.append(f"at least {node['minItems']}")
+        if node.get("maxItems"):
+            parts.append(f"at most {node['maxItems']}")
         if node.get("uniqueItems"):
             parts.append("no repeats")
     return "; ".join(parts)

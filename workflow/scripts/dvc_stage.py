@@ -52,7 +52,14 @@ def fail(message: str) -> NoReturn:
 
 
 def load_params() -> tuple[dict, dict]:
-    params = yaml.safe_load(PARAMS.read_text(encoding="utf-8")) or {}
+    """params.yaml's run and machine sections, read as strictly as a config (no duplicate keys, no alias bomb)."""
+    from carlrar.config import read_yaml  # light: pyyaml and jsonschema
+    from carlrar.errors import CarlrarError
+
+    try:
+        params = read_yaml(PARAMS, "params file") or {}
+    except CarlrarError as exc:
+        fail(str(exc))
     run = params.get("run") or {}
     missing = [key for key in ("config", "name", "raw_dir") if not run.get(key)]
     if missing:
