@@ -17,6 +17,7 @@ from carlrar.checkpoints import load_trained_run
 from carlrar.config import from_mapping
 from carlrar.data import prepare_dataset
 from carlrar.errors import CarlrarError, TrainingDiverged
+from carlrar.hardware import cpu_has_native_bf16
 from carlrar.methods import carl_schedule
 from carlrar.rar_warmup import warm_up_reconstructor
 from carlrar.training import train
@@ -97,6 +98,12 @@ def test_metrics_record_config_versions_and_data(tmp_path: Path, learnable_data:
     assert on_disk["test_accuracy"] is None and on_disk["evaluated_split"] == "dev"
     assert on_disk["steps"] == 5  # ceil(40 / 8) steps, one epoch
     assert {"torch", "transformers", "carlrar"} <= set(on_disk["versions"])
+    assert on_disk["precision"] == {
+        "requested": "fp32",  # config/smoke.yaml's: the tests' numbers do not depend on the CPU's bf16
+        "used": "fp32",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+    }
     # checkpoints are safetensors + JSON, never pickle
     assert sorted(p.name for p in (tmp_path / "r/checkpoint").iterdir()) == ["state.json", "state.safetensors"]
     assert (tmp_path / "r/best/weights.safetensors").is_file()

@@ -1,10 +1,11 @@
 """The training loop behind ``carlrar train``: readable, resumable, and reproducible on CPU bit for bit.
 
 Shape after Hugging Face's ``run_glue_no_trainer.py``: tokenise once, AdamW with a linear schedule, gradient
-clipping, dynamic padding, bf16 autocast on CUDA. Dev accuracy is evaluated every ``eval_every`` steps and at
-each epoch end; the best weights are kept and evaluated on the test split. A resumable checkpoint (model,
-optimizer, scheduler, RNG states, memory banks, position in the epoch) is written atomically, so a killed run
-restarted with the same command continues where it stopped and ends with the same metrics.
+clipping, dynamic padding, bf16 autocast where the device computes bf16 natively (``training.precision: auto``).
+Dev accuracy is evaluated every ``eval_every`` steps and at each epoch end; the best weights are kept and
+evaluated on the test split. A resumable checkpoint (model, optimizer, scheduler, RNG states, memory banks,
+position in the epoch) is written atomically, so a killed run restarted with the same command continues where
+it stopped and ends with the same metrics.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from carlrar.adversary import (
     adversarial_backward,
     amp_dtype_for,
     parameters_of,
+    precision_record,
 )
 from carlrar.batching import EncodedSplit, batches, encode_split, epoch_order, evaluate, steps_in_epoch
 from carlrar.checkpoints import (
@@ -487,6 +489,7 @@ def _finish(run: _Run, manifest: dict[str, Any], data_dir: Path, reconstruction:
         "train_seconds": progress.train_seconds,
         "samples_per_second": progress.samples_seen / max(progress.train_seconds, 1e-9),
         "device": str(run.device),
+        "precision": precision_record(tcfg["precision"], run.amp_dtype),
         "world_size": run.collective.world_size,
         "history": progress.history,
         "predictions": PREDICTIONS_FILE,
