@@ -369,3 +369,24 @@ def test_a_run_with_non_finite_weights_is_refused(tmp_path: Path, learnable_data
     save_file(weights, str(path))
     with pytest.raises(CarlrarError, match=r"non-finite weights \(1 tensors, e.g. model.classifier.weight\)"):
         load_trained_run(tmp_path / "run")
+
+
+def test_a_test_evaluated_run_passes_over_its_test_split_once_at_the_end(
+    tmp_path: Path, raw_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AG's News style (evaluate: test): the final pass gives both the predictions and the test accuracy."""
+    ag_news = {"per_class": {"train": 6, "dev": 2, "test": "all"}, "evaluate": "test", "batch_size": 8}
+    config = from_mapping(tiny_config({"datasets": {"ag_news": ag_news}}, epochs=1))
+    prepare_dataset(config, "ag_news", raw_dir, tmp_path / "data")
+    passes: list[int] = []
+    evaluate = training.evaluate
+
+    def counted(model, split, *args, **kwargs):
+        passes.append(len(split))
+        return evaluate(model, split, *args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", counted)
+    metrics = train(config, "ag_news", "base", 1, tmp_path / "data", tmp_path / "run", "cpu").metrics
+    assert passes == [8] * len(metrics["history"]) + [16]  # the dev evaluations, then test once
+    predictions = pd.read_parquet(tmp_path / "run" / metrics["predictions"])
+    assert metrics["test_accuracy"] == metrics["eval_accuracy"] == (predictions["gold"] == predictions["pred"]).mean()

@@ -463,15 +463,19 @@ def _finish(run: _Run, manifest: dict[str, Any], data_dir: Path, reconstruction:
     progress, tcfg = run.progress, run.config.training
     best = read_best_weights(run.run_dir / "best" / "weights.safetensors")
     run.model.load_state_dict({k.removeprefix("model."): v for k, v in best.items() if k.startswith("model.")})
-    test_accuracy = run.evaluate("test")[0] if len(run.splits["test"]) else None
     evaluated = manifest["evaluation_split"]
+    # The best weights' prediction for every example of the evaluated split: paired comparisons between methods
+    # (carlrar.paired) need per-example outcomes, not just the accuracy. Where test is the evaluated split, the
+    # same pass gives the test accuracy: a second pass over the split would only repeat it.
+    evaluated_accuracy, predictions = run.evaluate(evaluated)
+    if evaluated == "test":
+        test_accuracy = evaluated_accuracy
+    else:
+        test_accuracy = run.evaluate("test")[0] if len(run.splits["test"]) else None
     if "rar" in run.method.modules:
         objective = run.method.modules["rar"]
         objective.load_state_dict({k.removeprefix("rar."): v for k, v in best.items() if k.startswith("rar.")})
         reconstruction["end"] = token_accuracy(run.model, objective.reconstructor, run.dev_batches())
-    # The best weights' prediction for every example of the evaluated split: paired comparisons between methods
-    # (carlrar.paired) need per-example outcomes, not just the accuracy.
-    _, predictions = run.evaluate(evaluated)
     write_predictions(run.run_dir / PREDICTIONS_FILE, run.splits[evaluated].labels, predictions)
     return {
         "dataset": run.dataset,
