@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -13,6 +14,7 @@ from helpers.configs import tiny_config
 from safetensors.torch import load_file
 
 from carlrar import training
+from carlrar.batching import EncodedSplit, evaluate
 from carlrar.checkpoints import load_trained_run
 from carlrar.config import from_mapping
 from carlrar.data import prepare_dataset
@@ -390,3 +392,25 @@ def test_a_test_evaluated_run_passes_over_its_test_split_once_at_the_end(
     assert passes == [8] * len(metrics["history"]) + [16]  # the dev evaluations, then test once
     predictions = pd.read_parquet(tmp_path / "run" / metrics["predictions"])
     assert metrics["test_accuracy"] == metrics["eval_accuracy"] == (predictions["gold"] == predictions["pred"]).mean()
+
+
+class LengthParity(torch.nn.Module):
+    """Stands in for a classifier: predicts the parity of each sequence's length, and records each batch's width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widths: list[int] = []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        self.widths.append(input_ids.shape[1])
+        odd = attention_mask.sum(-1) % 2
+        return SimpleNamespace(logits=torch.stack([1 - odd, odd], dim=-1).float())
+
+
+def test_evaluation_pads_batches_of_similar_length_and_keeps_the_split_s_order() -> None:
+    lengths = [1, 9, 2, 8, 3, 7]
+    split = EncodedSplit(ids=[[5] * n for n in lengths], labels=torch.tensor([n % 2 for n in lengths]))
+    model = LengthParity()
+    accuracy, predictions = evaluate(model, split, 2, 0, torch.device("cpu"))
+    assert model.widths == [2, 7, 9]  # in the split's order the batches would be 9, 8 and 7 wide
+    assert predictions.tolist() == [n % 2 for n in lengths] and accuracy == 1.0
