@@ -44,7 +44,9 @@ def make_test_raw_dir(tmp_path: Path, with_shared_data: bool) -> str:
     (repo / ".venv" / ".carlrar-installed").touch()  # newer than pyproject.toml: `make setup` has nothing to do
     if with_shared_data:
         (tmp_path / "shared" / "data").mkdir(parents=True)
-    result = subprocess.run(["make", "-n", "test"], cwd=repo, capture_output=True, text=True, timeout=60)
+    # as typed in a shell: no RAW_DIR from the environment, nor from an outer `make test RAW_DIR=...` (MAKEFLAGS)
+    environ = {k: v for k, v in os.environ.items() if k not in ("RAW_DIR", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    result = subprocess.run(["make", "-n", "test"], cwd=repo, env=environ, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.split('RAW_DIR="', 1)[1].split('"', 1)[0]
 
