@@ -5,7 +5,9 @@ VENV       ?= .venv
 # PyPI's torch 2.13.0 is the CUDA build on Linux x86_64 (GPU nodes) and this project's CPU machines
 # carry a CPU build of the same release locally; see README "Installation" for a CPU-only laptop.
 TORCH_SPEC ?= torch==2.13.0
-RAW_DIR    ?= data/raw
+# The raw datasets: ../shared/data where it exists beside the checkout (the project's CI machines), else data/raw
+# (a fresh clone's holds only its README: the data stage then downloads from the Hugging Face hub).
+RAW_DIR    ?= $(if $(wildcard ../shared/data/.),../shared/data,data/raw)
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
@@ -41,7 +43,8 @@ evidence: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/quick --configfile config/minilm.yaml \
 		--replace-workflow-config --config raw_dir="$(RAW_DIR)" --cores $(QUICK_CORES) $(SNAKEMAKE_ARGS)
 
-# The default suite (under 10 minutes on 2 cores); test-slow adds the long end-to-end checks (DVC, report).
+# The default suite (under 10 minutes on 2 cores); test-slow adds the long end-to-end checks (DVC, report). Tests
+# of the real datasets read RAW_DIR and skip, naming it, where they are missing (CARLRAR_REQUIRE_REAL_DATA=1: fail).
 test: setup
 	RAW_DIR="$(abspath $(RAW_DIR))" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 

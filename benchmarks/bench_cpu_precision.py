@@ -6,7 +6,7 @@ round-robin on the same batches so that load changes hit all alike:
 
 * ``fp32 + AdamW``  -- what the quick mode ran before (torch's default, per-parameter AdamW);
 * ``fp32 + fused``  -- ``AdamW(fused=True)``, one kernel over all parameters (training.py's choice);
-* ``bf16 + fused``  -- plus ``training.precision: bf16``, autocast on the CPU (config/quick.yaml's choice).
+* ``bf16 + fused``  -- plus ``training.precision: bf16``, autocast on the CPU (what ``auto`` takes with native bf16).
 
 Each for base and FreeLB (the dataset's Table 1 values). Prints median step times and the ratios; bf16 is fast
 only on CPUs with native bf16 instructions (AVX512-BF16 or AMX), so the CPU's flags are printed too.
@@ -26,6 +26,7 @@ import torch
 
 from carlrar.adversary import Batch, FreeLB, adversarial_backward
 from carlrar.config import FreeLBConfig
+from carlrar.hardware import CPUINFO, NATIVE_BF16_FLAGS, cpu_capability, cpu_flags, cpu_has_native_bf16
 from carlrar.models import load_model
 
 SETUPS = {"fp32 + AdamW": (None, False), "fp32 + fused": (None, True), "bf16 + fused": (torch.bfloat16, True)}
@@ -80,9 +81,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="timed rounds per dataset (default: 6)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    native = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
-    print(f"torch {torch.__version__}, 1 thread, native bf16: {', '.join(native) or 'none'}")
+    flags = cpu_flags(CPUINFO.read_text()) if CPUINFO.exists() else set()
+    native = sorted(flags & NATIVE_BF16_FLAGS)
+    print(
+        f"torch {torch.__version__}, 1 thread, CPU capability {cpu_capability()}, native bf16: "
+        f"{', '.join(native) or 'none'} (training.precision auto takes {'bf16' if cpu_has_native_bf16() else 'fp32'})"
+    )
     for dataset in ("sst2", "ag_news"):
         medians = measure(args.raw_dir, dataset, args.rounds)
         print(f"\n{dataset}, batch 16, {args.rounds} timed rounds: median step (s)")

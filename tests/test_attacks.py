@@ -21,8 +21,8 @@ import yaml
 from helpers.configs import tiny_config
 from helpers.models import TINY_BERT
 
-from carlrar import attacks
-from carlrar.adversary import Batch, amp_dtype_for, autocast_context
+from carlrar import adversary, attacks
+from carlrar.adversary import Batch, autocast_context
 from carlrar.attacks import attack_split, pgd_attack, random_start, text_samples
 from carlrar.cli import main
 from carlrar.config import AnalysisConfig, from_mapping, load_schema
@@ -402,16 +402,41 @@ def test_a_bf16_run_is_trained_and_attacked_in_bf16_on_the_cpu(runs, tmp_path: P
     config = from_mapping(tiny_config(precision="bf16", epochs=2))
     metrics = train(config, "sst2", "freelb", 1, data, tmp_path / "bf16", "cpu").metrics
     assert metrics["config"]["training"]["precision"] == "bf16"
+    assert metrics["precision"]["requested"] == "bf16" and metrics["precision"]["used"] == "bf16"
+    assert metrics["precision"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     summary = attack_split(tmp_path / "bf16", data, tmp_path / "out", [0.0, 0.5], steps=2, batch_size=8, device="cpu")
     assert summary["attack"]["autocast"] == "bfloat16"
     assert summary["epsilons"]["0"]["clean_accuracy"] == pytest.approx(metrics["dev_accuracy"])
-
-
-def test_precision_setting_maps_to_autocast() -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert amp_dtype_for("auto", cpu) is None and amp_dtype_for("auto", cuda) is torch.bfloat16
-    assert amp_dtype_for("bf16", cpu) is torch.bfloat16 and amp_dtype_for("fp32", cuda) is None
-    with pytest.raises(ValueError, match="not one of auto, bf16, fp32"):
-        amp_dtype_for("fp16", cpu)
-    with autocast_context(cpu, torch.bfloat16):
+    with autocast_context(torch.device("cpu"), torch.bfloat16):
         assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("used", "native_here", "autocast"),
+    [("fp32", True, None), ("bf16", False, torch.bfloat16), ("bf16", True, torch.bfloat16)],
+)
+def test_attacks_use_the_precision_the_run_recorded(
+    monkeypatch: pytest.MonkeyPatch, used: str, native_here: bool, autocast: torch.dtype | None
+) -> None:
+    """An ``auto`` run keeps what auto resolved to where it trained, even on a machine where auto means otherwise."""
+    monkeypatch.setattr(adversary, "bf16_is_native", lambda device: native_here)
+    metrics = {"config": {"training": {"precision": "auto"}}, "precision": {"requested": "auto", "used": used}}
+    assert attacks.run_amp_dtype(metrics, torch.device("cpu")) is autocast
+
+
+@pytest.mark.parametrize(
+    ("setting", "trained_on", "autocast"),
+    [
+        ("auto", "cpu", None),
+        ("auto", "cuda:0", torch.bfloat16),
+        ("bf16", "cpu", torch.bfloat16),
+        ("fp32", "cuda", None),
+    ],
+)
+def test_runs_from_before_the_record_read_auto_as_it_meant_then(
+    monkeypatch: pytest.MonkeyPatch, setting: str, trained_on: str, autocast: torch.dtype | None
+) -> None:
+    """Older metrics.json files have no ``precision`` record: their auto meant bf16 on CUDA, fp32 on a CPU."""
+    monkeypatch.setattr(adversary, "bf16_is_native", lambda device: True)
+    metrics = {"config": {"training": {"precision": setting}}, "device": trained_on}
+    assert attacks.run_amp_dtype(metrics, torch.device("cpu")) is autocast

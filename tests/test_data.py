@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers.paths import ROOT
 
 from carlrar import data as data_module
 from carlrar.cli import main
@@ -274,43 +275,102 @@ def test_paper_config_carries_table_values(paper_config_path: Path) -> None:
     assert cfg.data.max_length == 128
 
 
-# --- the real datasets in ../shared/data --------------------------------------------------------------------
+# --- the committed fixtures (tests/fixtures/raw): invented rows in the official formats -------------------------
+FIXTURE_FILES = [
+    ("sst2", "train.tsv", "glue-tsv"),
+    ("sst2", "dev.tsv", "glue-tsv"),
+    ("ag_news", "train.csv", "zhang-csv"),
+    ("ag_news", "test.csv", "zhang-csv"),
+    ("yelp_polarity", "train.csv", "zhang-csv"),
+    ("yelp_polarity", "test.csv", "zhang-csv"),
+    ("yahoo_answers", "train.csv", "zhang-csv"),
+    ("yahoo_answers", "test.csv", "zhang-csv"),
+]
 
 
-def test_real_sst2_paper_config(tmp_path: Path, raw_dir: Path, paper_config_path: Path) -> None:
+@pytest.mark.parametrize(("name", "file", "fmt"), FIXTURE_FILES)
+def test_fixture_files_parse_in_their_official_format_one_example_per_line(
+    raw_dir: Path, name: str, file: str, fmt: str
+) -> None:
+    """Each fixture record is one line, so a parser that merged or dropped rows at a quote would be caught."""
+    path = raw_dir / name / file
+    split = read_file(path, DATASETS[name])
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert split.source["format"] == fmt
+    assert len(split.texts) == len(lines) - (fmt == "glue-tsv")
+    assert all(text and text == text.strip() for text in split.texts)
+    assert set(split.labels) <= set(range(len(DATASETS[name].label_names))) and len(set(split.labels)) > 1
+
+
+def test_fixture_fields_are_joined_and_unquoted_as_in_the_official_files(raw_dir: Path) -> None:
+    ag = read_file(raw_dir / "ag_news/train.csv", DATASETS["ag_news"])
+    assert ag.texts[0].startswith("Leaders meet for talks on river dispute The heads of two neighbouring states")
+    assert ag.labels[:4] == [0, 1, 2, 3]
+    yelp = read_file(raw_dir / "yelp_polarity/train.csv", DATASETS["yelp_polarity"])
+    assert 'it was "non-smoking". Front desk shrugged.\\nWill not stay again.' in yelp.texts[2]
+    yahoo = read_file(raw_dir / "yahoo_answers/train.csv", DATASETS["yahoo_answers"])
+    assert yahoo.texts[0] == (  # an empty question content leaves no double space
+        "Why do people celebrate new year on different days? Different cultures use different calendars, lunar or "
+        "solar, so the first day of the year falls at different times."
+    )
+    sst2 = read_file(raw_dir / "sst2/train.tsv", DATASETS["sst2"])
+    assert sst2.texts[0] == "a dull , plodding mess that goes nowhere" and sst2.labels[:2] == [0, 1]
+
+
+def test_the_smoke_config_and_paper_rules_prepare_from_the_fixtures(tmp_path: Path, raw_dir: Path) -> None:
+    smoke = load_config(ROOT / "config" / "smoke.yaml")
+    first = prepare_dataset(smoke, "sst2", raw_dir, tmp_path / "a")
+    assert first["splits"]["train"]["label_counts"] == [24, 24] and first["splits"]["dev"]["label_counts"] == [8, 8]
+    prepare_dataset(smoke, "sst2", raw_dir, tmp_path / "b")
+    assert (tmp_path / "a/manifest.json").read_bytes() == (tmp_path / "b/manifest.json").read_bytes()
+    datasets = {
+        "ag_news": {"per_class": {"train": 6, "dev": 2, "test": "all"}},
+        "yahoo_answers": {"per_class": {"train": 1, "dev": 1, "test": "all"}},
+    }
+    cfg = load_config(config(tmp_path, datasets))
+    ag = prepare_dataset(cfg, "ag_news", raw_dir, tmp_path / "ag")
+    assert ag["splits"]["test"]["label_counts"] == [4, 4, 4, 4] and ag["splits"]["train"]["rows"] == 24
+    yahoo = prepare_dataset(cfg, "yahoo_answers", raw_dir, tmp_path / "yahoo")  # the first five topics only
+    assert yahoo["num_labels"] == 5 and yahoo["splits"]["test"]["label_counts"] == [1] * 5
+
+
+# --- the real datasets in $RAW_DIR (../shared/data): skipped where they are missing ---------------------------
+
+
+def test_real_sst2_paper_config(tmp_path: Path, real_raw_dir: Path, paper_config_path: Path) -> None:
     cfg = load_config(paper_config_path)
-    first = prepare_dataset(cfg, "sst2", raw_dir, tmp_path / "a")
+    first = prepare_dataset(cfg, "sst2", real_raw_dir, tmp_path / "a")
     assert first["splits"]["train"]["rows"] == 67349
     assert first["splits"]["train"]["label_counts"] == [29780, 37569]
     assert first["splits"]["dev"]["rows"] == 872
     assert first["splits"]["dev"]["label_counts"] == [428, 444]
     assert first["evaluation_split"] == "dev"
-    prepare_dataset(cfg, "sst2", raw_dir, tmp_path / "b")
+    prepare_dataset(cfg, "sst2", real_raw_dir, tmp_path / "b")
     assert (tmp_path / "a/manifest.json").read_bytes() == (tmp_path / "b/manifest.json").read_bytes()
 
 
-def test_real_ag_news_test_complete_and_partial_train(tmp_path: Path, raw_dir: Path) -> None:
+def test_real_ag_news_test_complete_and_partial_train(tmp_path: Path, real_raw_dir: Path) -> None:
     too_many = {
         "ag_news": {"per_class": {"train": 15000, "dev": 500, "test": "all"}, "files": {"train": "train_partial.csv"}}
     }
     with pytest.raises(DataError, match=r"class 0 'World' has 10,679 rows in ag_news/train_partial.csv, but 15,500"):
-        prepare_dataset(load_config(config(tmp_path, too_many)), "ag_news", raw_dir, tmp_path / "x")
+        prepare_dataset(load_config(config(tmp_path, too_many)), "ag_news", real_raw_dir, tmp_path / "x")
     assert not (tmp_path / "x").exists()
     fits = {"ag_news": {**too_many["ag_news"], "per_class": {"train": 2000, "dev": 500, "test": "all"}}}
-    manifest = prepare_dataset(load_config(config(tmp_path, fits)), "ag_news", raw_dir, tmp_path / "ag")
+    manifest = prepare_dataset(load_config(config(tmp_path, fits)), "ag_news", real_raw_dir, tmp_path / "ag")
     assert manifest["splits"]["train"]["label_counts"] == [2000] * 4
     assert manifest["splits"]["test"]["rows"] == 7600
     assert manifest["splits"]["test"]["label_counts"] == [1900] * 4
     assert json.loads((tmp_path / "ag/manifest.json").read_text())["sources"]["test"]["format"] == "zhang-csv"
 
 
-def test_real_yelp_and_yahoo_pieces_parse(raw_dir: Path) -> None:
-    yelp = read_file(raw_dir / "yelp_polarity/train_head200.csv", DATASETS["yelp_polarity"])
+def test_real_yelp_and_yahoo_pieces_parse(real_raw_dir: Path) -> None:
+    yelp = read_file(real_raw_dir / "yelp_polarity/train_head200.csv", DATASETS["yelp_polarity"])
     assert len(yelp.labels) == 200 and set(yelp.labels) == {0, 1}
     assert yelp.source["format"] == "zhang-csv"
-    yelp_test = read_file(raw_dir / "yelp_polarity/test_head20.csv", DATASETS["yelp_polarity"])
+    yelp_test = read_file(real_raw_dir / "yelp_polarity/test_head20.csv", DATASETS["yelp_polarity"])
     assert len(yelp_test.labels) == 20
-    yahoo = read_file(raw_dir / "yahoo_answers/sample_10class.csv", DATASETS["yahoo_answers"])
+    yahoo = read_file(real_raw_dir / "yahoo_answers/sample_10class.csv", DATASETS["yahoo_answers"])
     assert len(yahoo.labels) == 1000 and set(yahoo.labels) == set(range(10))
     assert yahoo.source["format"] == "label-text-csv"
 

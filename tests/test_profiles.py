@@ -7,8 +7,8 @@
 - profiles/slurm is also run for real against stand-in SLURM commands (sbatch, sacct, ... on PATH) that record
   the submissions: this checks the sbatch options the plugin derives from the profile (GPUs, CPUs per GPU,
   memory, time, partition, account). What a real cluster would do with them is not covered.
-- profiles/quick runs the smoke workflow end to end on the CPU, and `snakemake --report` builds the HTML report
-  from it (slow).
+- profiles/quick runs the smoke workflow end to end on the CPU on the real SST-2 files, and `snakemake --report`
+  builds the HTML report from it (slow).
 """
 
 from __future__ import annotations
@@ -245,7 +245,8 @@ def test_slurm_profile_submits_gpu_and_cpu_jobs(tmp_path: Path, raw_dir: Path) -
 
 # --- a real run with the quick profile, then the report --------------------------------------------------------------
 @pytest.mark.slow
-def test_quick_profile_runs_the_smoke_workflow_and_the_report_builds(tmp_path: Path, raw_dir: Path) -> None:
+def test_quick_profile_runs_the_smoke_workflow_and_the_report_builds(tmp_path: Path, real_raw_dir: Path) -> None:
+    """On the real SST-2 files: the one end-to-end run of them (the other workflow tests use tests/fixtures/raw)."""
     pytest.importorskip("pygments")  # snakemake --report needs it
     copy_workflow(tmp_path, extra=("profiles",))
     args = (
@@ -255,7 +256,7 @@ def test_quick_profile_runs_the_smoke_workflow_and_the_report_builds(tmp_path: P
         "config/smoke.yaml",
         "--replace-workflow-config",
         "--config",
-        f"raw_dir={raw_dir}",
+        f"raw_dir={real_raw_dir}",
     )
     result = snakemake(*args, cwd=tmp_path, timeout=900)
     logs = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in sorted(tmp_path.glob("results/smoke/logs/**/*.log")))

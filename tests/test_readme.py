@@ -155,3 +155,13 @@ def test_readme_rerun_table_is_the_one_the_rerun_tests_check() -> None:
     from test_reruns import scenario_table
 
     assert scenario_table() in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_set_up_commands_are_plain_make_quick_and_make_test_and_ci_runs_them_so() -> None:
+    """A newcomer types exactly these two (no RAW_DIR: the Makefile finds the data), and CI runs the second as typed."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Set-up", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert [line.split("#", 1)[0].strip() for line in block.splitlines()] == ["make quick", "make test"]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert "make test" in ci and "make test-slow" in ci
+    assert any("CARLRAR_REQUIRE_REAL_DATA=1" in line and line.startswith("export ") for line in ci)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -13,10 +14,12 @@ from helpers.configs import tiny_config
 from safetensors.torch import load_file
 
 from carlrar import training
+from carlrar.batching import EncodedSplit, evaluate
 from carlrar.checkpoints import load_trained_run
 from carlrar.config import from_mapping
 from carlrar.data import prepare_dataset
 from carlrar.errors import CarlrarError, TrainingDiverged
+from carlrar.hardware import cpu_has_native_bf16
 from carlrar.methods import carl_schedule
 from carlrar.rar_warmup import warm_up_reconstructor
 from carlrar.storage import sha256_file
@@ -98,6 +101,12 @@ def test_metrics_record_config_versions_and_data(tmp_path: Path, learnable_data:
     assert on_disk["test_accuracy"] is None and on_disk["evaluated_split"] == "dev"
     assert on_disk["steps"] == 5  # ceil(40 / 8) steps, one epoch
     assert {"torch", "transformers", "carlrar"} <= set(on_disk["versions"])
+    assert on_disk["precision"] == {
+        "requested": "fp32",  # config/smoke.yaml's: the tests' numbers do not depend on the CPU's bf16
+        "used": "fp32",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+    }
     # checkpoints are safetensors + JSON, never pickle
     assert sorted(p.name for p in (tmp_path / "r/checkpoint").iterdir()) == ["state.json", "state.safetensors"]
     assert (tmp_path / "r/best/weights.safetensors").is_file()
@@ -368,3 +377,46 @@ def test_a_run_with_non_finite_weights_is_refused(tmp_path: Path, learnable_data
     (tmp_path / "run/metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(CarlrarError, match=r"non-finite weights \(1 tensors, e.g. model.classifier.weight\)"):
         load_trained_run(tmp_path / "run")
+
+
+def test_a_test_evaluated_run_passes_over_its_test_split_once_at_the_end(
+    tmp_path: Path, raw_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AG's News style (evaluate: test): the final pass gives both the predictions and the test accuracy."""
+    ag_news = {"per_class": {"train": 6, "dev": 2, "test": "all"}, "evaluate": "test", "batch_size": 8}
+    config = from_mapping(tiny_config({"datasets": {"ag_news": ag_news}}, epochs=1))
+    prepare_dataset(config, "ag_news", raw_dir, tmp_path / "data")
+    passes: list[int] = []
+    evaluate = training.evaluate
+
+    def counted(model, split, *args, **kwargs):
+        passes.append(len(split))
+        return evaluate(model, split, *args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", counted)
+    metrics = train(config, "ag_news", "base", 1, tmp_path / "data", tmp_path / "run", "cpu").metrics
+    assert passes == [8] * len(metrics["history"]) + [16]  # the dev evaluations, then test once
+    predictions = pd.read_parquet(tmp_path / "run" / metrics["predictions"])
+    assert metrics["test_accuracy"] == metrics["eval_accuracy"] == (predictions["gold"] == predictions["pred"]).mean()
+
+
+class LengthParity(torch.nn.Module):
+    """Stands in for a classifier: predicts the parity of each sequence's length, and records each batch's width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widths: list[int] = []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        self.widths.append(input_ids.shape[1])
+        odd = attention_mask.sum(-1) % 2
+        return SimpleNamespace(logits=torch.stack([1 - odd, odd], dim=-1).float())
+
+
+def test_evaluation_pads_batches_of_similar_length_and_keeps_the_split_s_order() -> None:
+    lengths = [1, 9, 2, 8, 3, 7]
+    split = EncodedSplit(ids=[[5] * n for n in lengths], labels=torch.tensor([n % 2 for n in lengths]))
+    model = LengthParity()
+    accuracy, predictions = evaluate(model, split, 2, 0, torch.device("cpu"))
+    assert model.widths == [2, 7, 9]  # in the split's order the batches would be 9, 8 and 7 wide
+    assert predictions.tolist() == [n % 2 for n in lengths] and accuracy == 1.0

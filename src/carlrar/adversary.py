@@ -9,15 +9,20 @@ clips and steps the optimizer, so :func:`adversarial_backward` drops into any tr
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carlrar.config import FreeLBConfig
+from carlrar.hardware import bf16_is_native, cpu_capability, cpu_has_native_bf16
 from carlrar.models import ClassifierOutput, TextClassifier
+
+log = logging.getLogger(__name__)
 
 GRAD_NORM_FLOOR = 1e-8  # the reference's guard against a zero gradient norm
 
@@ -140,13 +145,47 @@ class _RngSnapshot:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``training.precision`` on ``device``: auto = bf16 on CUDA only, bf16 = everywhere."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision {precision!r} is not one of auto, bf16, fp32")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    """The autocast dtype of ``training.precision`` on ``device``.
+
+    auto = bf16 where the device computes bf16 natively (:func:`carlrar.hardware.bf16_is_native`: fast and, within
+    noise, as accurate), fp32 elsewhere; bf16 = bf16 everywhere, with one warning where it is emulated (several
+    times slower than fp32); fp32 = no autocast.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    native = bf16_is_native(device)
+    if precision == "auto":
+        return torch.bfloat16 if native else None
+    if not native:
+        _warn_emulated_bf16(device.type)
+    return torch.bfloat16
+
+
+@functools.cache
+def _warn_emulated_bf16(device_type: str) -> None:
+    """Once per process and device type: a job that trains, evaluates and attacks says it once, not per call."""
+    where = f"this CPU ({cpu_capability()}, no AVX512-BF16 or AMX)" if device_type == "cpu" else "this GPU"
+    log.warning(
+        "training.precision is bf16, but bf16 autocast is emulated on %s, several times slower than fp32; "
+        "set training.precision auto or fp32",
+        where,
+    )
+
+
+def precision_record(precision: str, amp_dtype: torch.dtype | None) -> dict[str, Any]:
+    """What a run's metrics.json says about its arithmetic: the setting, what it resolved to and the CPU seen."""
+    return {
+        "requested": precision,
+        "used": "bf16" if amp_dtype == torch.bfloat16 else "fp32",
+        "cpu_capability": cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+    }
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

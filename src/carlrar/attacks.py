@@ -182,8 +182,16 @@ def pgd_attack(
 
 
 def run_amp_dtype(metrics: dict[str, Any], device: torch.device) -> torch.dtype | None:
-    """Attack a run in the precision it was trained in (its ``training.precision``; runs before it: auto)."""
-    return amp_dtype_for(metrics.get("config", {}).get("training", {}).get("precision", "auto"), device)
+    """Attack a run in the precision it was trained in: the one its metrics.json records (``precision.used``).
+
+    Runs from before that record name only ``training.precision``, whose ``auto`` then meant bf16 on CUDA only.
+    """
+    used = (metrics.get("precision") or {}).get("used")
+    if used is None:
+        setting = metrics.get("config", {}).get("training", {}).get("precision", "auto")
+        on_cuda = str(metrics.get("device", "cpu")).startswith("cuda")
+        used = ("bf16" if on_cuda else "fp32") if setting == "auto" else setting
+    return amp_dtype_for(used, device)
 
 
 def _eps_name(epsilon: float) -> str:

@@ -92,16 +92,20 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[float, Tensor]:
-    """Accuracy and predictions on a split, in eval mode."""
+    """Accuracy and predictions (in the split's order) on a split, in eval mode.
+
+    The examples go through in order of length, so each batch is padded to about its own length: in the split's
+    order a batch of 64 SST-2 dev sentences is about half padding, which costs as much to compute as text.
+    """
     was_training = model.training
     model.eval()
-    predictions = []
-    for batch in batches(split, torch.arange(len(split)), batch_size, pad_id):
-        batch = batch.to(device)
+    by_length = torch.tensor(sorted(range(len(split)), key=lambda row: len(split.ids[row])), dtype=torch.long)
+    preds = torch.empty(len(split), dtype=torch.long)
+    for batch in batches(split, by_length, batch_size, pad_id):
+        on_device = batch.to(device)
         with autocast_context(device, amp_dtype):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        predictions.append(logits.argmax(-1).cpu())
+            logits = model(input_ids=on_device.input_ids, attention_mask=on_device.attention_mask).logits
+        preds[batch.indices] = logits.argmax(-1).cpu()
     model.train(was_training)
-    preds = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
     accuracy = float((preds == split.labels).float().mean()) if len(split) else float("nan")
     return accuracy, preds

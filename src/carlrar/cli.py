@@ -413,8 +413,8 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
             "Fine-tune the config's model on DATA (a 'carlrar prepare' folder) with METHOD and write OUT/metrics.json, "
             "OUT/best/ (weights with the best dev accuracy, config and tokenizer) and OUT/checkpoint/ "
             "(resumable state). "
-            "On CUDA it leases a GPU slot (lock files in $CARLRAR_GPU_LOCK_DIR; $CARLRAR_GPU_SLOTS runs per GPU) "
-            "and uses bf16 autocast."
+            "On CUDA it leases a GPU slot (lock files in $CARLRAR_GPU_LOCK_DIR; $CARLRAR_GPU_SLOTS runs per GPU). "
+            "training.precision auto uses bf16 autocast where the GPU or CPU has native bf16, fp32 elsewhere."
         ),
     )
     train.add_argument("--config", required=True, type=Path, help="YAML config (e.g. config/config.yaml)")

@@ -23,6 +23,7 @@ from carlrar.adversary import (
     Batch,
     amp_dtype_for,
     autocast_context,
+    precision_record,
 )
 from carlrar.batching import EncodedSplit, batches, encode_split, epoch_order
 from carlrar.config import Config
@@ -134,6 +135,7 @@ def warm_up_reconstructor(
         "losses": losses,
         "seconds": time.perf_counter() - started,
         "device": str(device),
+        "precision": precision_record(config.training["precision"], amp_dtype),
         "versions": library_versions(),
     }
     with atomic_dir(out_dir) as tmp:

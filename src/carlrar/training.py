@@ -1,10 +1,11 @@
 """The training loop behind ``carlrar train``: readable, resumable, and reproducible on CPU bit for bit.
 
 Shape after Hugging Face's ``run_glue_no_trainer.py``: tokenise once, AdamW with a linear schedule, gradient
-clipping, dynamic padding, bf16 autocast on CUDA. Dev accuracy is evaluated every ``eval_every`` steps and at
-each epoch end; the best weights are kept and evaluated on the test split. A resumable checkpoint (model,
-optimizer, scheduler, RNG states, memory banks, position in the epoch) is written atomically, so a killed run
-restarted with the same command continues where it stopped and ends with the same metrics.
+clipping, dynamic padding, bf16 autocast where the device computes bf16 natively (``training.precision: auto``).
+Dev accuracy is evaluated every ``eval_every`` steps and at each epoch end; the best weights are kept and
+evaluated on the test split. A resumable checkpoint (model, optimizer, scheduler, RNG states, memory banks,
+position in the epoch) is written atomically, so a killed run restarted with the same command continues where
+it stopped and ends with the same metrics.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from carlrar.adversary import (
     adversarial_backward,
     amp_dtype_for,
     parameters_of,
+    precision_record,
 )
 from carlrar.batching import EncodedSplit, batches, encode_split, epoch_order, evaluate, steps_in_epoch
 from carlrar.checkpoints import (
@@ -506,15 +508,19 @@ def _finish(run: _Run, manifest: dict[str, Any], data_dir: Path, reconstruction:
     progress, tcfg = run.progress, run.config.training
     best = read_best_weights(run.run_dir / "best" / "weights.safetensors")
     run.model.load_state_dict({k.removeprefix("model."): v for k, v in best.items() if k.startswith("model.")})
-    test_accuracy = run.evaluate("test")[0] if len(run.splits["test"]) else None
     evaluated = manifest["evaluation_split"]
+    # The best weights' prediction for every example of the evaluated split: paired comparisons between methods
+    # (carlrar.paired) need per-example outcomes, not just the accuracy. Where test is the evaluated split, the
+    # same pass gives the test accuracy: a second pass over the split would only repeat it.
+    evaluated_accuracy, predictions = run.evaluate(evaluated)
+    if evaluated == "test":
+        test_accuracy = evaluated_accuracy
+    else:
+        test_accuracy = run.evaluate("test")[0] if len(run.splits["test"]) else None
     if "rar" in run.method.modules:
         objective = run.method.modules["rar"]
         objective.load_state_dict({k.removeprefix("rar."): v for k, v in best.items() if k.startswith("rar.")})
         reconstruction["end"] = token_accuracy(run.model, objective.reconstructor, run.dev_batches())
-    # The best weights' prediction for every example of the evaluated split: paired comparisons between methods
-    # (carlrar.paired) need per-example outcomes, not just the accuracy.
-    _, predictions = run.evaluate(evaluated)
     write_predictions(run.run_dir / PREDICTIONS_FILE, run.splits[evaluated].labels, predictions)
     return {
         "dataset": run.dataset,
@@ -532,6 +538,7 @@ def _finish(run: _Run, manifest: dict[str, Any], data_dir: Path, reconstruction:
         "train_seconds": progress.train_seconds,
         "samples_per_second": progress.samples_seen / max(progress.train_seconds, 1e-9),
         "device": str(run.device),
+        "precision": precision_record(tcfg["precision"], run.amp_dtype),
         "world_size": run.collective.world_size,
         "history": progress.history,
         "predictions": PREDICTIONS_FILE,

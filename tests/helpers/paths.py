@@ -8,4 +8,5 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the virtual environment's bin: snakemake, dvc, carlrar
-SHARED = Path(os.environ.get("CARLRAR_SHARED", ROOT.parent / "shared"))  # albert/ (config and tokenizer), data/
+SHARED = Path(os.environ.get("CARLRAR_SHARED", ROOT.parent / "shared"))  # albert/ (config and tokenizer)
+FIXTURE_RAW = ROOT / "tests" / "fixtures" / "raw"  # invented rows in the datasets' official formats (committed)
