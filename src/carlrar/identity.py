@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from carlrar import __version__
+from carlrar.adversary import amp_dtype_for
 from carlrar.config import Config
 from carlrar.errors import CarlrarError, first_line
 from carlrar.fingerprints import code_fingerprint, digest, method_settings
@@ -68,19 +69,22 @@ def run_identity(
         "seed": seed,
         "settings": method_settings(config.raw, dataset, method),
         "code": code_fingerprint(TRAINING_ENTRY, method),
-        "arithmetic": arithmetic(device_request),
+        "arithmetic": arithmetic(device_request, config.training["precision"]),
         "data_sha256": dict(data_sha256),
         "rar_warmup": rar_warmup,
     }
 
 
-def arithmetic(device_request: str) -> dict[str, Any]:
-    """What changes a step's floating-point results besides the settings: the device type, the CPU's thread count
-    (its reductions split the sums differently) and torch's version (its kernels). A checkpoint is resumed only
-    under the same, so a run never mixes two computations; moving a finished run elsewhere reruns nothing."""
+def arithmetic(device_request: str, precision: str) -> dict[str, Any]:
+    """What changes a step's floating-point results besides the settings: the device type, the precision it
+    computes in (``auto`` resolves per machine), the CPU's thread count (its reductions split the sums
+    differently) and torch's version (its kernels). A checkpoint is resumed only under the same, so a run never
+    mixes two computations; the workflow's rerun params leave these out, so moving finished runs reruns nothing."""
     kind = "cuda" if device_request != "cpu" and torch.cuda.is_available() else "cpu"
+    amp = amp_dtype_for(precision, torch.device(kind))
     return {
         "device": kind,
+        "precision": "bf16" if amp == torch.bfloat16 else "fp32",
         "cpu_threads": torch.get_num_threads() if kind == "cpu" else None,
         "torch": torch.__version__,
     }
