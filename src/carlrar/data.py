@@ -31,7 +31,7 @@ from carlrar.prepared import (
     split_hashes,
 )
 from carlrar.sources import DATASETS, DatasetSpec, source_names, source_plan
-from carlrar.storage import atomic_dir, check_output_dir, sha256_file, write_json
+from carlrar.storage import atomic_dir, check_output_dir, exclusive, sha256_file, write_json
 
 
 @dataclass
@@ -254,11 +254,17 @@ def _write_split(path: Path, texts: list[str], labels: list[int], rows: list[int
 
 def prepare_dataset(config: Config, name: str, raw_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Write ``train/dev/test.parquet`` and ``manifest.json`` to ``out_dir`` atomically; return the manifest."""
+    # Before reading anything: an --out that is a file or a folder of other files is refused, never moved.
+    check_output_dir(out_dir, replaces=MANIFEST_FILE)
+    with exclusive(out_dir):  # one process per output folder; a second names the holder
+        return _prepare(config, name, raw_dir, out_dir)
+
+
+def _prepare(config: Config, name: str, raw_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """prepare_dataset() once it holds ``out_dir``."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     spec, ds = DATASETS[name], config.dataset(name)
-    # Before reading anything: an --out that is a file or a folder of other files is refused, never moved.
-    check_output_dir(out_dir, replaces=MANIFEST_FILE)
     raw_dir = Path(raw_dir)
     splits: dict[str, tuple[list[str], list[int], list[int]]] = {s: ([], [], []) for s in SPLITS}
     sources: dict[str, dict[str, Any]] = {}

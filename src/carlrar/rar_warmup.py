@@ -44,7 +44,7 @@ from carlrar.reconstruction import (
     warm_up,
 )
 from carlrar.registry import RECONSTRUCTION_METHODS
-from carlrar.storage import atomic_dir, check_output_dir, sha256_file, write_json
+from carlrar.storage import atomic_dir, check_output_dir, exclusive, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,18 @@ def warm_up_reconstructor(
     Writes ``reconstructor.safetensors`` and ``warmup.json`` (clean-dev token reconstruction accuracy before
     and after, the loss curve, and the identity a run checks before using it), atomically.
     """
+    check_output_dir(out_dir, replaces=WARMUP_RECORD_FILE)
+    with exclusive(out_dir):  # one process per output folder; a second names the holder
+        return _warm_up(config, dataset, data_dir, out_dir, device_request)
+
+
+def _warm_up(
+    config: Config, dataset: str, data_dir: str | Path, out_dir: str | Path, device_request: str = "auto"
+) -> dict[str, Any]:
+    """warm_up_reconstructor() once it holds ``out_dir``."""
     from transformers import set_seed
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    check_output_dir(out_dir, replaces=WARMUP_RECORD_FILE)
     manifest, rar = read_manifest(data_dir), config.rar
     with leased_device(device_request) as device:
         set_seed(rar.warmup_seed, deterministic=device.type == "cpu")
