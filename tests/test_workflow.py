@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from helpers.configs import smoke_config
 from helpers.paths import ROOT
@@ -325,11 +326,14 @@ def test_train_job_resumes_its_own_checkpoint_and_restarts_on_changed_params(tmp
 
     real, preempted.calls = training.adversarial_backward, 0
     training.adversarial_backward = preempted
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the job computes (--cores 1): a checkpoint of another thread count is not resumed
     try:
         with pytest.raises(KeyboardInterrupt):
             train(resolved, "sst2", "base", 1, tmp_path / "data/processed/smoke/sst2", run, "cpu", restart="always")
     finally:
         training.adversarial_backward = real
+        torch.set_num_threads(threads)
     assert not (run / "metrics.json").exists()
     resumed = snakemake(*args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
