@@ -340,7 +340,9 @@ def test_dvc_repro_builds_the_smoke_tables_then_is_up_to_date(tmp_path: Path, ra
     assert len(list(results.glob("runs/sst2/*/seed*/metrics.json"))) == 4
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert {o["path"] for o in lock["prepare"]["outs"]} == {"data/processed/smoke"}
+    prepared = {"data/processed/smoke", "data/processed/smoke.splits_sha256.json"}  # the folder and its hashes
+    assert {o["path"] for o in lock["prepare"]["outs"]} == prepared
+    assert set(lock) == {"fingerprints", "prepare", "workflow", "summary"}
     assert {"results/smoke/runs", "results/smoke/tables", "results/smoke/figures"} <= {
         o["path"] for o in lock["workflow"]["outs"]
     }
