@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 from helpers.configs import tiny_config
+from helpers.raw import sst2_rows
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -32,12 +33,6 @@ from carlrar.identity import OWNER_FILE
 from carlrar.models import resolve_source
 
 Case = Callable[[Path], list[str]]
-
-
-def sst2_rows(n: int) -> str:
-    nouns = ["film", "plot", "cast", "story", "score", "script", "ending", "pace"]
-    lines = [f"a {nouns[i % 8]} so {'good' if i % 2 else 'bad'} {nouns[(i * 3) % 8]} \t{i % 2}" for i in range(n)]
-    return "sentence\tlabel\n" + "\n".join(lines) + "\n"
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

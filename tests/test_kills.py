@@ -18,6 +18,7 @@ import pytest
 import yaml
 from helpers.configs import tiny_config
 from helpers.paths import BIN
+from helpers.raw import sst2_rows
 
 pytestmark = pytest.mark.slow
 
@@ -25,18 +26,12 @@ KILLS = 3  # moments per command
 CARLRAR = str(BIN / "carlrar")
 
 
-def _sst2(n: int) -> str:
-    words = ["film", "plot", "cast", "story", "score", "script", "ending", "pace"]
-    rows = [f"a {words[i % 8]} so {'good' if i % 2 else 'bad'} {words[(i * 3) % 8]}\t{i % 2}" for i in range(n)]
-    return "sentence\tlabel\n" + "\n".join(rows) + "\n"
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ws = tmp_path_factory.mktemp("kills")
     (ws / "raw/sst2").mkdir(parents=True)
-    (ws / "raw/sst2/train.tsv").write_text(_sst2(48))
-    (ws / "raw/sst2/dev.tsv").write_text(_sst2(16))
+    (ws / "raw/sst2/train.tsv").write_text(sst2_rows(48))
+    (ws / "raw/sst2/dev.tsv").write_text(sst2_rows(16))
     config = tiny_config(epochs=2, checkpoint_every=2)
     config["training"]["rar"] = {"warmup_steps": 0}
     (ws / "config.yaml").write_text(yaml.safe_dump(config))
